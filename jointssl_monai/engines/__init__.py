@@ -1,0 +1,1 @@
+"""Engines: the pretraining trainer built on MONAI/Ignite."""

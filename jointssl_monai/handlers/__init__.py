@@ -1,0 +1,1 @@
+"""Ignite handlers for pretraining and fine-tuning."""

@@ -1,0 +1,1 @@
+"""Networks: slice encoder, deformable attention over slices, aggregator, heads, JointSSLNet."""

@@ -1,0 +1,1 @@
+"""Transfer of pretrained weights into MONAI segmentation networks."""
