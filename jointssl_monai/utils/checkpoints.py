@@ -1,7 +1,15 @@
-"""Checkpoint files: atomic writes, safe reads, finding the newest one to resume from."""
+"""Checkpoint files: atomic writes, safe reads, finding the newest one to resume from.
+
+A checkpoint path has one writer (rank 0 in distributed runs). Writes go to a hidden temporary file in
+the same folder (``.<name>.<random>.tmp``), which is flushed to disk and then renamed over the target, so a
+process killed at any moment leaves either the previous complete file or the new complete file at the path.
+Temporary files left by killed writes are never picked up by :func:`latest_checkpoint` and are removed by the
+next successful :func:`atomic_save` of the same path.
+"""
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import tempfile
@@ -10,14 +18,43 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "latest_checkpoint", "safe_load"]
+__all__ = ["atomic_save", "latest_checkpoint", "safe_load", "temp_files_of"]
+
+
+def temp_files_of(path: str | os.PathLike) -> list[Path]:
+    """The temporary files that :func:`atomic_save` writes (or left behind) for ``path``."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush a folder's entries (the rename) to disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, flush it to disk, then rename it into place.
 
     A process killed at any moment leaves either the previous complete file or the new complete file at
-    ``path``, never a truncated one.
+    ``path``, never a truncated one. After a successful save, temporary files of earlier interrupted saves of
+    the same path are removed.
+
+    Args:
+        obj: anything ``torch.save`` accepts; keep it to tensors and plain Python values so that
+            :func:`safe_load` can read it back.
+        path: the checkpoint file; its folder is created if needed.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,18 +68,36 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+    for stale in temp_files_of(path):  # left by a writer killed before its rename (single writer per path)
+        stale.unlink(missing_ok=True)
     return path
 
 
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True``: a checkpoint whose unpickling would run code is refused."""
+    """``torch.load`` with ``weights_only=True``: a checkpoint whose unpickling would run code is refused.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where to put the tensors.
+
+    Raises:
+        FileNotFoundError: ``path`` is missing or not a file.
+        RuntimeError: the file is empty, truncated, not a checkpoint, or would import/call anything outside
+            the tensor/plain-value allow-list of ``weights_only`` unpickling; the message names the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
+    size = path.stat().st_size
+    if size == 0:
+        raise RuntimeError(f"checkpoint {path} is empty (0 bytes): an interrupted or failed write")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # unpickling errors have many types; name the file in all of them
-        raise RuntimeError(f"cannot load checkpoint {path} safely (weights_only=True): {err}") from err
+        raise RuntimeError(
+            f"cannot load checkpoint {path} ({size} bytes) safely (weights_only=True): {err}"
+        ) from err
 
 
 _NUMBER = re.compile(r"(\d+)")
@@ -53,12 +108,21 @@ def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pt") -> st
 
     Names written by MONAI's ``CheckpointSaver`` carry the epoch or iteration number
     (``checkpoint_epoch=3.pt``, ``checkpoint_key_metric=...``); among files with numbers the largest number
-    wins, ties broken by modification time. Temporary files of interrupted writes are ignored.
+    wins, ties broken by modification time. Hidden files (the temporary files of interrupted writes) and empty
+    files are ignored.
+
+    Args:
+        directory: the folder to search (not recursively).
+        pattern: glob pattern of checkpoint names.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    candidates = [p for p in directory.glob(pattern) if p.is_file() and not p.name.startswith(".")]
+    candidates = [
+        p
+        for p in directory.glob(pattern)
+        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".tmp") and p.stat().st_size > 0
+    ]
     if not candidates:
         return None
 

@@ -16,9 +16,8 @@ __all__ = ["RandomState"]
 class RandomState:
     """Saves and restores the torch (CPU and CUDA), NumPy and Python random generators.
 
-    Put it in a checkpoint's ``save_dict`` (e.g. ``{"rng": RandomState()}``) so that a resumed run draws
-    the same
-    random numbers as an uninterrupted one.
+    Put it in a checkpoint's ``save_dict`` (e.g. ``{"rng": RandomState()}``) so that a resumed run draws the
+    same random numbers as an uninterrupted one.
     """
 
     def state_dict(self) -> dict:
