@@ -220,7 +220,7 @@ def safe_extract_zip(
             old = staging.with_name(staging.name + ".old")
             os.replace(target, old)
             os.replace(staging / top, target)
-            shutil.rmtree(old)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
         else:
             os.replace(staging / top, target)
     except zipfile.BadZipFile as err:  # CRC mismatch, truncated data, a lying header
