@@ -19,15 +19,19 @@ __all__ = ["DeepClusterV2Loss"]
 class DeepClusterV2Loss(_Loss):
     """Cross-entropy of prototype scores against k-means pseudo-labels of a memory bank.
 
-    The memory bank holds the latest L2-normalised embedding of every key (dataset item) for every global view.
+    The memory bank holds the latest L2-normalised embedding of every key (dataset item) for every global
+    view.
     Keys are chosen by the caller, e.g. ``dataset_index`` for volumes or
     ``dataset_index * max_slices + slice_position`` for slices, so ``num_samples`` must exceed every key.
 
     Distribution (our choice): :meth:`update_memory` all-gathers ``(keys, embeddings)`` of all processes, so
-    every process holds the *full* bank. Hence the state (``bank``, ``written``, ``assignments``, ``centroids_h``,
+    every process holds the *full* bank. Hence the state (``bank``, ``written``, ``assignments``,
+    ``centroids_h``,
     ``num_clusterings``) is identical on every process and indexed by key only: a checkpoint saved with any
-    number of processes resumes with any other. :meth:`cluster` splits the written rows into contiguous blocks,
-    one per process, and runs :func:`spherical_kmeans` with its distributed M-step, which equals single-process
+    number of processes resumes with any other. :meth:`cluster` splits the written rows into contiguous
+    blocks,
+    one per process, and runs :func:`spherical_kmeans` with its distributed M-step, which equals
+    single-process
     k-means on all rows; the assignments are then all-reduced back to every process. The price is one copy of
     the bank per process (``num_views * num_samples * dim`` float32).
 
@@ -112,7 +116,8 @@ class DeepClusterV2Loss(_Loss):
         for v, emb in enumerate(embeddings):
             if emb.shape != (rows, self.dim):
                 raise ValueError(
-                    f"DeepClusterV2Loss: embeddings[{v}] has shape {tuple(emb.shape)}, expected ({rows}, {self.dim})."
+                    f"DeepClusterV2Loss: embeddings[{v}] has shape {tuple(emb.shape)}, "
+                    f"expected ({rows}, {self.dim})."
                 )
         keys = self._check_keys(keys, rows)
         stacked = torch.stack([F.normalize(e.detach().float(), dim=1) for e in embeddings], dim=1)
@@ -164,7 +169,8 @@ class DeepClusterV2Loss(_Loss):
     def forward(self, branch: ClusterBranch, keys: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Cross-entropy of ``scores / temperature`` of every view against the pseudo-labels of the row keys.
 
-        Rows whose key has no assignment yet (``-1``) are ignored; with none assigned the loss is a zero that is
+        Rows whose key has no assignment yet (``-1``) are ignored; with none assigned the loss is a zero
+        that is
         still connected to the graph. In training mode the bank is then updated with this batch (collective).
 
         Args:
@@ -189,8 +195,8 @@ class DeepClusterV2Loss(_Loss):
             for h, s in enumerate(view_scores):
                 if s.shape != (view_keys.shape[0], self.num_prototypes[h]):
                     raise ValueError(
-                        f"DeepClusterV2Loss: scores of view {v}, head {h} have shape {tuple(s.shape)}, expected "
-                        f"({view_keys.shape[0]}, {self.num_prototypes[h]})."
+                        f"DeepClusterV2Loss: scores of view {v}, head {h} have shape {tuple(s.shape)}, "
+                        f"expected ({view_keys.shape[0]}, {self.num_prototypes[h]})."
                     )
                 targets = self.assignments[h, view_keys].to(s.device)
                 if bool((targets >= 0).any()):

@@ -1,4 +1,7 @@
-"""The joint intra-inter objective of Nguyen et al., AAAI 2023: ``w_intra L_intra + w_inter L_inter + w_mask L_mask``."""
+"""The joint intra-inter objective of Nguyen et al., AAAI 2023.
+
+``L = w_intra * L_intra + w_inter * L_inter + w_mask * L_mask``, trained in one run.
+"""
 
 from __future__ import annotations
 
@@ -32,13 +35,17 @@ def _build(level: str, family: str | None, kwargs: dict[str, Any] | None) -> _Lo
 class JointSSLLoss(_Loss):
     """Joint objective over a :class:`~jointssl_monai.outputs.JointSSLOutput`.
 
-    ``L = w_intra * L_intra + w_inter * L_inter + w_mask * L_mask`` (defaults 1:1:1). Each clustering level uses
+    ``L = w_intra * L_intra + w_inter * L_inter + w_mask * L_mask`` (defaults 1:1:1). Each clustering level
+    uses
     SwAV (:class:`SwAVLoss`) or DeepCluster-v2 (:class:`DeepClusterV2Loss`) independently. A term whose inputs
-    are absent from the batch (e.g. no volumes: no ``inter`` and no ``mask``) contributes nothing; the total stays
+    are absent from the batch (e.g. no volumes: no ``inter`` and no ``mask``) contributes nothing; the
+    total stays
     connected to the graph whenever any term is present.
 
-    Distributed runs: SwAV's Sinkhorn and DeepCluster-v2's bank update are collectives. When a level is present
-    on some processes but not on others (a process drew only 2D images), the processes without it take part with
+    Distributed runs: SwAV's Sinkhorn and DeepCluster-v2's bank update are collectives. When a level is
+    present
+    on some processes but not on others (a process drew only 2D images), the processes without it take part
+    with
     zero rows, so nobody waits forever. This costs one two-element all-reduce per step. A process without rows
     of a SwAV level needs the prototype sizes: pass ``*_prototypes`` or ``num_prototypes`` in ``*_kwargs``.
 
@@ -48,7 +55,8 @@ class JointSSLLoss(_Loss):
         w_intra: weight of ``L_intra``.
         w_inter: weight of ``L_inter``.
         w_mask: weight of ``L_mask``.
-        intra_kwargs: keyword arguments of the intra family's loss (DeepCluster-v2 needs ``num_samples``, ``dim``).
+        intra_kwargs: keyword arguments of the intra family's loss (DeepCluster-v2 needs ``num_samples``,
+        ``dim``).
         inter_kwargs: keyword arguments of the inter family's loss.
         mask_kwargs: keyword arguments of :class:`MaskedEmbeddingLoss`.
         diagnostics: add collapse statistics of the first view and head of each level (local to the process)
@@ -110,7 +118,8 @@ class JointSSLLoss(_Loss):
             output: what the pretraining network returned.
             intra_keys: ``(N_intra,)`` memory-bank keys of the intra rows (DeepCluster-v2 only).
             inter_keys: ``(B,)`` memory-bank keys of the volumes (DeepCluster-v2 only).
-            intra_prototypes: current intra prototype weights per head (SwAV queue; sizes for empty processes).
+            intra_prototypes: current intra prototype weights per head (SwAV queue; sizes for empty
+            processes).
             inter_prototypes: current inter prototype weights per head.
 
         Returns:

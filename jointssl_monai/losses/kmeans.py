@@ -83,7 +83,8 @@ def _reseed_empty(
     """Give each empty cluster half of the currently largest cluster (in place), as faiss does.
 
     The largest centroid ``c`` is replaced by ``normalize(c - delta)`` and the empty one by
-    ``normalize(c + delta)`` with a small random ``delta``, so the next E-step splits that cluster. Only global
+    ``normalize(c + delta)`` with a small random ``delta``, so the next E-step splits that cluster. Only
+    global
     counts and the seeded generator are used, so every process re-seeds identically without communication.
     """
     empty = torch.nonzero(counts == 0).flatten().tolist()
@@ -113,7 +114,8 @@ def spherical_kmeans(
     """Spherical k-means (cosine similarity) of L2-normalised rows, optionally across processes.
 
     ``iterations`` rounds of E-step (assign each row to its most similar centroid) and M-step (centroid = L2-
-    normalised sum of its rows; empty clusters re-seeded by splitting the largest), then a final E-step so that
+    normalised sum of its rows; empty clusters re-seeded by splitting the largest), then a final E-step so
+    that
     the returned assignments belong to the returned centroids (as DeepCluster-v2 does).
 
     Args:
@@ -123,7 +125,8 @@ def spherical_kmeans(
         iterations: E/M rounds (DeepCluster-v2: 10).
         seed: seeds the CPU generator used for initialisation and re-seeding when ``generator`` is None.
         generator: a CPU ``torch.Generator``; must be in the same state on every process.
-        init: optional ``(k, D)`` initial centroids (identical on every process); default: ``k`` random rows of
+        init: optional ``(k, D)`` initial centroids (identical on every process); default: ``k`` random
+        rows of
             the global concatenation.
         distributed: ``None`` reduces across processes whenever a process group is initialised.
         perturbation: size of the random split applied when re-seeding an empty cluster.

@@ -11,7 +11,8 @@ __all__ = ["MaskedEmbeddingLoss"]
 class MaskedEmbeddingLoss(_Loss):
     """Mean squared error between predicted and original slice embeddings.
 
-    About 10 % of the slice tokens of a volume are replaced by a learned mask token; the aggregator predicts the
+    About 10 % of the slice tokens of a volume are replaced by a learned mask token; the aggregator
+    predicts the
     original embeddings. ``reduction="masked"`` (default, the paper's wording) averages over masked positions;
     ``"all"`` averages over every valid position (what the authors' code does). The target is detached.
 
@@ -49,8 +50,8 @@ class MaskedEmbeddingLoss(_Loss):
         for name, m in (("mask", mask), ("valid", valid)):
             if m is not None and (m.shape != prediction.shape[:2] or m.dtype != torch.bool):
                 raise ValueError(
-                    f"MaskedEmbeddingLoss: {name} must be a bool (B, S) = {tuple(prediction.shape[:2])} tensor, "
-                    f"got {m.dtype} {tuple(m.shape)}."
+                    f"MaskedEmbeddingLoss: {name} must be a bool (B, S) = {tuple(prediction.shape[:2])} "
+                    f"tensor, got {m.dtype} {tuple(m.shape)}."
                 )
         selected = mask if self.reduction == "masked" else torch.ones_like(mask)
         if valid is not None:

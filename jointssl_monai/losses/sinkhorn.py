@@ -21,18 +21,20 @@ def sinkhorn_knopp(
 
     Solves ``max_Q Tr(Q^T C^T Z) + epsilon H(Q)`` over the transportation polytope with a few Sinkhorn
     iterations on ``exp(scores / epsilon)``. Convention of SwAV: each returned row (sample) sums to 1 and each
-    column (prototype) receives ``B / K`` of the total mass ``B`` once converged. The last normalisation is over
+    column (prototype) receives ``B / K`` of the total mass ``B`` once converged. The last normalisation is
+    over
     samples, so row sums are exact and column sums are approximate after few iterations.
 
     Across processes only the per-prototype sums, the total and the per-prototype maxima are all-reduced
-    (``K + 1`` numbers per iteration, never features), so ``N`` processes give the codes one process would give
+    (``K + 1`` numbers per iteration, never features), so ``N`` processes give the codes one process would
+    give
     on the concatenated batch.
 
     Numerics: computed outside autocast in float32 (float64 if ``scores`` is float64 or ``dtype`` says so).
-    Each prototype's global maximum score is subtracted before ``exp``; this leaves the solution unchanged
-    (Sinkhorn is invariant to scaling rows of the kernel) but guarantees no overflow and at least one
-    non-zero entry per prototype. Sums are clamped to the smallest normal number, so a sample whose every
-    entry underflows gets a zero code instead of NaN.
+    Before ``exp``, each prototype's global maximum and then each sample's maximum are subtracted. Sinkhorn is
+    invariant to scaling the rows and columns of its kernel, so the solution is unchanged, but no entry
+    overflows and every prototype and every sample keeps an entry equal to 1, so none has zero mass even for
+    huge scores. Sums are also clamped to the smallest normal number: no inf or NaN can appear.
 
     Args:
         scores: ``(B, K)`` prototype scores of the local batch (``B`` may be 0 on some processes).
@@ -63,7 +65,10 @@ def sinkhorn_knopp(
             logits.max(dim=0).values if logits.shape[0] > 0 else logits.new_full((num_prototypes,), -1e30)
         )
         all_reduce_max(row_max, distributed)
-        q = torch.exp(logits - row_max).t()  # (K, B), as in SwAV
+        logits -= row_max
+        if logits.shape[0] > 0:  # then each sample's own maximum (local, no communication)
+            logits -= logits.max(dim=1, keepdim=True).values
+        q = torch.exp(logits).t()  # (K, B), as in SwAV; every row and column holds a 1, all entries <= 1
         totals = torch.stack([q.sum(), q.new_tensor(q.shape[1])])
         all_reduce_sum(totals, distributed)
         total, batch = totals[0], totals[1]

@@ -1,5 +1,8 @@
-"""SwAV swapped-prediction loss (Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster
-Assignments", NeurIPS 2020, Eq. 1-3), used for both clustering levels of Nguyen et al. (AAAI 2023)."""
+"""SwAV swapped-prediction loss, used for both clustering levels of Nguyen et al. (AAAI 2023).
+
+Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments", NeurIPS 2020,
+Eq. 1-3.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ def _parameters(prototypes: torch.nn.Module | Iterable[torch.nn.Parameter]) -> l
 def cancel_prototype_gradients(
     prototypes: torch.nn.Module | Iterable[torch.nn.Parameter], iteration: int, freeze_iterations: int
 ) -> bool:
-    """Drop the prototype gradients during the first ``freeze_iterations`` iterations (SwAV's ``freeze_prototypes``).
+    """Drop the prototype gradients during the first ``freeze_iterations`` iterations (SwAV's freezing).
 
     Call it between ``loss.backward()`` and ``optimizer.step()`` (e.g. from an Ignite handler); SwAV freezes
     the prototypes for the first epoch (313 iterations in Nguyen et al.'s recipe) to help early training.
@@ -55,14 +58,18 @@ def normalize_prototypes_(prototypes: torch.nn.Module | Iterable[torch.nn.Parame
 class SwAVLoss(_Loss):
     """Swapped prediction between the views of a :class:`~jointssl_monai.outputs.ClusterBranch` (SwAV, Eq. 1).
 
-    For every prototype head, the Sinkhorn codes ``q`` of each global view (optionally computed together with a
+    For every prototype head, the Sinkhorn codes ``q`` of each global view (optionally computed together
+    with a
     queue of past embeddings) are predicted from the scores of every other view, global and local:
-    ``-sum_k q_k log softmax(scores / temperature)_k``, averaged over rows, over the predicting views, over the
+    ``-sum_k q_k log softmax(scores / temperature)_k``, averaged over rows, over the predicting views, over
+    the
     code views, and over heads.
 
     State (registered buffers, carried by checkpoints): ``queue`` ``(V, L, D)`` of past embeddings per global
-    view, ``queue_count`` (filled rows) and ``iteration`` (training forward calls, for ``queue_start_iteration``).
-    The queue is per process (like SwAV); it is a cache that refills within ``L / batch`` iterations, so it may be
+    view, ``queue_count`` (filled rows) and ``iteration`` (training forward calls, for
+    ``queue_start_iteration``).
+    The queue is per process (like SwAV); it is a cache that refills within ``L / batch`` iterations, so it
+    may be
     reset with :meth:`reset_queue` when resuming with another number of processes.
 
     Args:
@@ -217,7 +224,8 @@ class SwAVLoss(_Loss):
     def participate_without_rows(self, num_prototypes: Sequence[int] | None = None) -> None:
         """Run the collectives of a forward pass with zero local rows (distributed Sinkhorn only).
 
-        In a distributed run, every process must call :func:`sinkhorn_knopp` the same number of times. A process
+        In a distributed run, every process must call :func:`sinkhorn_knopp` the same number of times. A
+        process
         whose batch has no rows for this level (e.g. only 2D images, no volumes) calls this instead of
         :meth:`forward`; it contributes nothing to the codes of the others.
         """
