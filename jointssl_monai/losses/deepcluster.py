@@ -20,20 +20,17 @@ class DeepClusterV2Loss(_Loss):
     """Cross-entropy of prototype scores against k-means pseudo-labels of a memory bank.
 
     The memory bank holds the latest L2-normalised embedding of every key (dataset item) for every global
-    view.
-    Keys are chosen by the caller, e.g. ``dataset_index`` for volumes or
+    view. Keys are chosen by the caller, e.g. ``dataset_index`` for volumes or
     ``dataset_index * max_slices + slice_position`` for slices, so ``num_samples`` must exceed every key.
 
     Distribution (our choice): :meth:`update_memory` all-gathers ``(keys, embeddings)`` of all processes, so
     every process holds the *full* bank. Hence the state (``bank``, ``written``, ``assignments``,
-    ``centroids_h``,
-    ``num_clusterings``) is identical on every process and indexed by key only: a checkpoint saved with any
-    number of processes resumes with any other. :meth:`cluster` splits the written rows into contiguous
-    blocks,
+    ``centroids_h``, ``num_clusterings``) is identical on every process and indexed by key only: a checkpoint
+    saved with any number of processes resumes with any other. :meth:`cluster` splits the written rows into
+    contiguous blocks,
     one per process, and runs :func:`spherical_kmeans` with its distributed M-step, which equals
-    single-process
-    k-means on all rows; the assignments are then all-reduced back to every process. The price is one copy of
-    the bank per process (``num_views * num_samples * dim`` float32).
+    single-process k-means on all rows; the assignments are then all-reduced back to every process. The price
+    is one copy of the bank per process (``num_views * num_samples * dim`` float32).
 
     Args:
         num_samples: number of keys (size of the bank).
@@ -170,8 +167,8 @@ class DeepClusterV2Loss(_Loss):
         """Cross-entropy of ``scores / temperature`` of every view against the pseudo-labels of the row keys.
 
         Rows whose key has no assignment yet (``-1``) are ignored; with none assigned the loss is a zero
-        that is
-        still connected to the graph. In training mode the bank is then updated with this batch (collective).
+        that is still connected to the graph. In training mode the bank is then updated with this batch
+        (collective).
 
         Args:
             branch: scores of every view and head (heads must match ``num_prototypes``).

@@ -36,16 +36,13 @@ class JointSSLLoss(_Loss):
     """Joint objective over a :class:`~jointssl_monai.outputs.JointSSLOutput`.
 
     ``L = w_intra * L_intra + w_inter * L_inter + w_mask * L_mask`` (defaults 1:1:1). Each clustering level
-    uses
-    SwAV (:class:`SwAVLoss`) or DeepCluster-v2 (:class:`DeepClusterV2Loss`) independently. A term whose inputs
-    are absent from the batch (e.g. no volumes: no ``inter`` and no ``mask``) contributes nothing; the
-    total stays
-    connected to the graph whenever any term is present.
+    uses SwAV (:class:`SwAVLoss`) or DeepCluster-v2 (:class:`DeepClusterV2Loss`) independently. A term whose
+    inputs are absent from the batch (e.g. no volumes: no ``inter`` and no ``mask``) contributes nothing; the
+    total stays connected to the graph whenever any term is present.
 
     Distributed runs: SwAV's Sinkhorn and DeepCluster-v2's bank update are collectives. When a level is
-    present
-    on some processes but not on others (a process drew only 2D images), the processes without it take part
-    with
+    present on some processes but not on others (a process drew only 2D images), the processes without it take
+    part with
     zero rows, so nobody waits forever. This costs one two-element all-reduce per step. A process without rows
     of a SwAV level needs the prototype sizes: pass ``*_prototypes`` or ``num_prototypes`` in ``*_kwargs``.
 

@@ -84,8 +84,8 @@ def _reseed_empty(
 
     The largest centroid ``c`` is replaced by ``normalize(c - delta)`` and the empty one by
     ``normalize(c + delta)`` with a small random ``delta``, so the next E-step splits that cluster. Only
-    global
-    counts and the seeded generator are used, so every process re-seeds identically without communication.
+    global counts and the seeded generator are used, so every process re-seeds identically without
+    communication.
     """
     empty = torch.nonzero(counts == 0).flatten().tolist()
     for j in empty:
@@ -115,8 +115,7 @@ def spherical_kmeans(
 
     ``iterations`` rounds of E-step (assign each row to its most similar centroid) and M-step (centroid = L2-
     normalised sum of its rows; empty clusters re-seeded by splitting the largest), then a final E-step so
-    that
-    the returned assignments belong to the returned centroids (as DeepCluster-v2 does).
+    that the returned assignments belong to the returned centroids (as DeepCluster-v2 does).
 
     Args:
         x: ``(N_local, D)`` rows of this process, expected L2-normalised (the E-step ranks by dot product; the

@@ -12,9 +12,9 @@ class MaskedEmbeddingLoss(_Loss):
     """Mean squared error between predicted and original slice embeddings.
 
     About 10 % of the slice tokens of a volume are replaced by a learned mask token; the aggregator
-    predicts the
-    original embeddings. ``reduction="masked"`` (default, the paper's wording) averages over masked positions;
-    ``"all"`` averages over every valid position (what the authors' code does). The target is detached.
+    predicts the original embeddings. ``reduction="masked"`` (default, the paper's wording) averages over
+    masked positions; ``"all"`` averages over every valid position (what the authors' code does). The target
+    is detached.
 
     Args:
         reduction: ``"masked"`` or ``"all"``.

@@ -22,13 +22,11 @@ def sinkhorn_knopp(
     Solves ``max_Q Tr(Q^T C^T Z) + epsilon H(Q)`` over the transportation polytope with a few Sinkhorn
     iterations on ``exp(scores / epsilon)``. Convention of SwAV: each returned row (sample) sums to 1 and each
     column (prototype) receives ``B / K`` of the total mass ``B`` once converged. The last normalisation is
-    over
-    samples, so row sums are exact and column sums are approximate after few iterations.
+    over samples, so row sums are exact and column sums are approximate after few iterations.
 
     Across processes only the per-prototype sums, the total and the per-prototype maxima are all-reduced
     (``K + 1`` numbers per iteration, never features), so ``N`` processes give the codes one process would
-    give
-    on the concatenated batch.
+    give on the concatenated batch.
 
     Numerics: computed outside autocast in float32 (float64 if ``scores`` is float64 or ``dtype`` says so).
     Before ``exp``, each prototype's global maximum and then each sample's maximum are subtracted. Sinkhorn is

@@ -62,15 +62,13 @@ class SwAVLoss(_Loss):
     with a
     queue of past embeddings) are predicted from the scores of every other view, global and local:
     ``-sum_k q_k log softmax(scores / temperature)_k``, averaged over rows, over the predicting views, over
-    the
-    code views, and over heads.
+    the code views, and over heads.
 
     State (registered buffers, carried by checkpoints): ``queue`` ``(V, L, D)`` of past embeddings per global
     view, ``queue_count`` (filled rows) and ``iteration`` (training forward calls, for
     ``queue_start_iteration``).
     The queue is per process (like SwAV); it is a cache that refills within ``L / batch`` iterations, so it
-    may be
-    reset with :meth:`reset_queue` when resuming with another number of processes.
+    may be reset with :meth:`reset_queue` when resuming with another number of processes.
 
     Args:
         temperature: softmax temperature of the predictions (0.1).
@@ -225,8 +223,7 @@ class SwAVLoss(_Loss):
         """Run the collectives of a forward pass with zero local rows (distributed Sinkhorn only).
 
         In a distributed run, every process must call :func:`sinkhorn_knopp` the same number of times. A
-        process
-        whose batch has no rows for this level (e.g. only 2D images, no volumes) calls this instead of
+        process whose batch has no rows for this level (e.g. only 2D images, no volumes) calls this instead of
         :meth:`forward`; it contributes nothing to the codes of the others.
         """
         sizes = list(num_prototypes) if num_prototypes is not None else self.num_prototypes
