@@ -17,6 +17,11 @@ from jointssl_monai.losses import (
 from jointssl_monai.outputs import ClusterBranch, JointSSLOutput
 
 
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
 def branch_from(embeddings: list[torch.Tensor], prototypes: list[torch.Tensor], **local) -> ClusterBranch:
     emb = [F.normalize(e, dim=1) for e in embeddings]
     protos = [F.normalize(p, dim=1) for p in prototypes]
