@@ -1,0 +1,243 @@
+"""SwAV, DeepCluster-v2, masked-embedding and joint losses (single process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jointssl_monai.losses import (
+    DeepClusterV2Loss,
+    JointSSLLoss,
+    MaskedEmbeddingLoss,
+    SwAVLoss,
+    cancel_prototype_gradients,
+    normalize_prototypes_,
+)
+from jointssl_monai.outputs import ClusterBranch, JointSSLOutput
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def branch_from(embeddings: list[torch.Tensor], prototypes: list[torch.Tensor], **local) -> ClusterBranch:
+    emb = [F.normalize(e, dim=1) for e in embeddings]
+    protos = [F.normalize(p, dim=1) for p in prototypes]
+    return ClusterBranch(embeddings=emb, scores=[[e @ p.t() for p in protos] for e in emb], **local)
+
+
+def test_swav_rewards_agreeing_views() -> None:
+    g = torch.Generator().manual_seed(0)
+    protos = [torch.randn(8, 16, generator=g), torch.randn(5, 16, generator=g)]
+    x = torch.randn(32, 16, generator=g)
+    loss = SwAVLoss()
+    agree = loss(branch_from([x, x + 0.01 * torch.randn(32, 16, generator=g)], protos))
+    disagree = loss(branch_from([x, x[torch.randperm(32, generator=g)]], protos))
+    assert agree < disagree
+
+
+def test_swav_local_views_use_the_codes_of_their_rows() -> None:
+    g = torch.Generator().manual_seed(1)
+    protos = [torch.randn(6, 8, generator=g)]
+    x = torch.randn(10, 8, generator=g)
+    rows = torch.tensor([0, 3, 3, 7])
+    matching = branch_from([x, x], protos)
+    shuffled = branch_from([x, x], protos)
+    local_match = branch_from([x[rows]], protos).scores
+    local_wrong = branch_from([x[rows.flip(0)] * -1], protos).scores
+    matching.local_scores, matching.local_rows = local_match, rows
+    shuffled.local_scores, shuffled.local_rows = local_wrong, rows
+    assert SwAVLoss()(matching) < SwAVLoss()(shuffled)
+    with pytest.raises(ValueError, match="local_scores"):
+        SwAVLoss()(ClusterBranch(matching.embeddings, matching.scores, local_match, torch.tensor([0, 1])))
+
+
+def test_swav_queue_fills_and_changes_codes() -> None:
+    g = torch.Generator().manual_seed(2)
+    protos = [F.normalize(torch.randn(4, 8, generator=g), dim=1)]
+    loss = SwAVLoss(queue_length=12, queue_start_iteration=1, embedding_dim=8)
+    batches = [branch_from([torch.randn(5, 8, generator=g) for _ in range(2)], protos) for _ in range(4)]
+    loss(batches[0], protos)  # iteration 0: queue not started
+    assert int(loss.queue_count) == 0
+    loss(batches[1], protos)
+    assert int(loss.queue_count) == 5
+    torch.testing.assert_close(loss.queue[0, :5], batches[1].embeddings[0])
+    loss(batches[2], protos)
+    loss(batches[3], protos)
+    assert int(loss.queue_count) == 12  # capped at the queue length, newest first
+    torch.testing.assert_close(loss.queue[1, :5], batches[3].embeddings[1])
+    loss.eval()
+    with_queue = loss(batches[0], protos)
+    without = SwAVLoss().eval()(batches[0])
+    assert not torch.allclose(with_queue, without)
+    with pytest.raises(ValueError, match="pass the current prototypes"):
+        loss(batches[0])
+    assert "queue" in loss.state_dict() and "iteration" in loss.state_dict()
+    loss.reset_queue()
+    torch.testing.assert_close(loss(batches[0], protos), without)
+
+
+def test_swav_shapes_are_validated() -> None:
+    x = torch.randn(4, 8)
+    good = branch_from([x, x], [torch.randn(3, 8)])
+    with pytest.raises(ValueError, match="at least 2"):
+        SwAVLoss()(ClusterBranch(good.embeddings[:1], good.scores[:1]))
+    with pytest.raises(ValueError, match=r"scores\[1\]\[0\]"):
+        SwAVLoss()(ClusterBranch(good.embeddings, [good.scores[0], [torch.randn(4, 5)]]))
+    with pytest.raises(ValueError, match="embedding_dim"):
+        SwAVLoss(queue_length=4)
+
+
+def test_prototype_freezing_and_normalisation() -> None:
+    prototypes = torch.nn.Linear(8, 4, bias=False)
+    prototypes.weight.grad = torch.ones_like(prototypes.weight)
+    assert cancel_prototype_gradients(prototypes, iteration=2, freeze_iterations=3)
+    assert prototypes.weight.grad is None
+    prototypes.weight.grad = torch.ones_like(prototypes.weight)
+    assert not cancel_prototype_gradients(prototypes, iteration=3, freeze_iterations=3)
+    assert prototypes.weight.grad is not None
+    normalize_prototypes_(prototypes)
+    torch.testing.assert_close(prototypes.weight.norm(dim=1), torch.ones(4))
+
+
+def test_swav_bf16_autocast_large_scores_no_nan() -> None:
+    weights = torch.randn(16, 8, requires_grad=True)
+    x = torch.randn(12, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = [x @ weights.t() * 1e3, (x + 0.1) @ weights.t() * 1e3]  # far beyond cosine range
+        value = SwAVLoss()(ClusterBranch([x, x], [[s] for s in scores]))
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(weights.grad).all()
+
+
+def test_deepcluster_ignores_unassigned_and_learns_assignments() -> None:
+    g = torch.Generator().manual_seed(3)
+    centres = F.normalize(torch.randn(3, 6, generator=g), dim=1)
+    labels = torch.randint(3, (30,), generator=g)
+    x = F.normalize(centres[labels] + 0.1 * torch.randn(30, 6, generator=g), dim=1)
+    keys = torch.arange(30) * 2  # odd keys never written
+    loss = DeepClusterV2Loss(num_samples=60, dim=6, num_prototypes=(3, 4), kmeans_iterations=5)
+    protos = [
+        torch.randn(3, 6, generator=g, requires_grad=True),
+        torch.randn(4, 6, generator=g, requires_grad=True),
+    ]
+    before = loss(branch_from([x, x], protos), keys)  # nothing assigned yet: zero, still differentiable
+    before.backward()
+    assert float(before.detach()) == 0.0 and protos[0].grad is not None
+    assert bool(loss.written[keys].all()) and not bool(loss.written[keys + 1].any())
+    centroids = loss.cluster()
+    assert (loss.assignments[:, keys + 1] == -1).all()
+    assert (loss.assignments[0, keys] >= 0).all() and (loss.assignments[1, keys] < 4).all()
+    loss.eval()
+    aligned = loss(branch_from([x, x], centroids), keys)
+    misaligned = loss(branch_from([x, x], [c.roll(1, dims=0) for c in centroids]), keys)
+    assert aligned < misaligned
+    # rows with unassigned keys do not count
+    mixed_keys = torch.cat([keys[:20], keys[:10] + 1])
+    mixed = loss(branch_from([x[:30], x[:30]], centroids), mixed_keys)
+    only_assigned = loss(branch_from([x[:20], x[:20]], centroids), keys[:20])
+    torch.testing.assert_close(mixed, only_assigned)
+    with pytest.raises(ValueError, match="keys must lie"):
+        loss(branch_from([x, x], centroids), keys + 31)
+
+
+def test_masked_embedding_loss() -> None:
+    target = torch.randn(2, 5, 4)
+    prediction = target.clone().requires_grad_(True)
+    offset = torch.zeros(2, 5, 4)
+    offset[0, 1] = 2.0  # masked position, wrong by 2 everywhere
+    offset[1, 3] = 1.0  # unmasked valid position, wrong by 1
+    offset[1, 4] = 5.0  # padded position: never counted
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 1] = mask[1, 0] = True
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[1, 4] = False
+    masked = MaskedEmbeddingLoss()(prediction + offset, target, mask, valid)
+    every = MaskedEmbeddingLoss("all")(prediction + offset, target, mask, valid)
+    torch.testing.assert_close(masked, torch.tensor((4.0 * 4) / (2 * 4)))
+    torch.testing.assert_close(every, torch.tensor((4.0 * 4 + 1.0 * 4) / (9 * 4)))
+    masked.backward()
+    assert prediction.grad is not None
+    with pytest.raises(ValueError, match="mask must be a bool"):
+        MaskedEmbeddingLoss()(prediction, target, mask.float(), valid)
+    with pytest.raises(ValueError, match="share a"):
+        MaskedEmbeddingLoss()(prediction, target[:, :3], mask, valid)
+    with pytest.raises(ValueError, match="reduction"):
+        MaskedEmbeddingLoss("sum")
+
+
+def test_joint_loss_components_and_missing_branches() -> None:
+    x = torch.randn(6, 8)
+    protos = [torch.randn(4, 8, requires_grad=True)]
+    intra_only = JointSSLOutput(intra=branch_from([x, x + 0.1], protos))
+    out = JointSSLLoss()(intra_only)
+    assert {"loss", "intra"} <= set(out) and "inter" not in out and "mask" not in out
+    assert out["loss"].requires_grad and not out["intra"].requires_grad
+    assert 0.0 <= out["intra_normalized_entropy"] <= 1.0 and 1 <= out["intra_clusters_used"] <= 4
+    nothing = JointSSLLoss()(JointSSLOutput())
+    assert set(nothing) == {"loss"} and float(nothing["loss"]) == 0.0
+    weighted = JointSSLLoss(w_intra=2.5, diagnostics=False)(intra_only)
+    torch.testing.assert_close(weighted["loss"], 2.5 * out["intra"])
+    with pytest.raises(ValueError, match="needs intra_keys"):
+        JointSSLLoss(intra="deepcluster", intra_kwargs={"num_samples": 10, "dim": 8, "num_prototypes": [4]})(
+            intra_only
+        )
+    with pytest.raises(ValueError, match="must be one of"):
+        JointSSLLoss(intra="simclr")
+
+
+@pytest.mark.parametrize("family", ["swav", "deepcluster"])
+def test_joint_loss_falls_on_a_toy_problem(family: str) -> None:
+    """Linear slice encoder + prototypes + mask predictor on four separable blobs; SGD must lower the loss."""
+    torch.manual_seed(0)
+    blobs = torch.randn(4, 12) * 3
+    labels = torch.arange(64) % 4
+    data = blobs[labels] + torch.randn(64, 12)  # 64 slices = 16 volumes of 4 slices
+    encoder = torch.nn.Linear(12, 8)
+    intra_protos, inter_protos = torch.nn.Linear(8, 6, bias=False), torch.nn.Linear(8, 3, bias=False)
+    predictor = torch.nn.Linear(8, 8)
+    mask_token = torch.nn.Parameter(torch.zeros(8))
+    params = [*encoder.parameters(), *intra_protos.parameters(), *inter_protos.parameters()]
+    params += [*predictor.parameters(), mask_token]
+    optimizer = torch.optim.SGD(params, lr=0.2, momentum=0.9)
+    dc = {"num_prototypes": [6], "kmeans_iterations": 5}
+    criterion = JointSSLLoss(
+        intra=family,
+        inter=family,
+        intra_kwargs={"num_samples": 64, "dim": 8, **dc} if family == "deepcluster" else None,
+        inter_kwargs={"num_samples": 16, "dim": 8, **{**dc, "num_prototypes": [3]}}
+        if family == "deepcluster"
+        else None,
+    )
+    mask = torch.zeros(16, 4, dtype=torch.bool)
+    mask[:, 1] = True
+    history = []
+    for step in range(40):
+        views = [data + 0.3 * torch.randn(64, 12) for _ in range(2)]
+        emb = [F.normalize(encoder(v), dim=1) for v in views]
+        vol = [F.normalize(e.view(16, 4, 8).mean(1), dim=1) for e in emb]
+        w_intra, w_inter = (F.normalize(p.weight, dim=1) for p in (intra_protos, inter_protos))
+        tokens = emb[0].view(16, 4, 8)
+        masked_tokens = torch.where(mask[..., None], mask_token.expand(16, 4, 8), tokens)
+        output = JointSSLOutput(
+            intra=ClusterBranch(emb, [[e @ w_intra.t()] for e in emb]),
+            inter=ClusterBranch(vol, [[z @ w_inter.t()] for z in vol]),
+            masked_prediction=predictor(masked_tokens.roll(1, dims=1)),
+            masked_target=tokens.detach(),
+            mask=mask,
+            valid=torch.ones(16, 4, dtype=torch.bool),
+        )
+        out = criterion(output, intra_keys=torch.arange(64), inter_keys=torch.arange(16))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        cancel_prototype_gradients(intra_protos, step, freeze_iterations=2)
+        optimizer.step()
+        if family == "deepcluster" and step % 10 == 0:  # the clustering schedule a handler would run
+            for level, protos in (("intra_loss", intra_protos), ("inter_loss", inter_protos)):
+                with torch.no_grad():
+                    protos.weight.copy_(getattr(criterion, level).cluster()[0])
+        history.append(float(out["loss"]))
+    assert all(torch.isfinite(torch.tensor(history)))
+    assert sum(history[-5:]) / 5 < 0.7 * sum(history[1:6]) / 5
