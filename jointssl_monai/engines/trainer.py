@@ -1,0 +1,253 @@
+"""The pretraining engine: a MONAI ``Trainer`` (an Ignite ``Engine``), so every MONAI/Ignite handler works.
+
+One iteration: move the two-view mixed 2D/3D batch to the device, run
+:class:`~jointssl_monai.networks.JointSSLNet` under optional autocast, evaluate
+:class:`~jointssl_monai.losses.JointSSLLoss`, stop on a non-finite loss, back-propagate (with a gradient
+scaler for fp16), clip gradients and step the optimiser. It fires MONAI's ``IterationEvents``
+(``FORWARD_COMPLETED``, ``LOSS_COMPLETED``, ``BACKWARD_COMPLETED``, ``MODEL_COMPLETED``) so that side effects
+live in handlers: SwAV's prototype freezing acts on ``BACKWARD_COMPLETED``, DeepCluster-v2's per-epoch
+clustering on ``EPOCH_STARTED``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Events
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents
+from monai.engines.workflow import Workflow
+from torch import nn
+
+from jointssl_monai.outputs import JointSSLOutput
+
+__all__ = ["JointSSLTrainer", "NonFiniteLossError", "prepare_ssl_batch", "unwrap"]
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_STAT_SUFFIXES = ("_normalized_entropy", "_clusters_used", "_largest_share")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; the message names the iteration and the loss component."""
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (or the module itself)."""
+    return network.module if hasattr(network, "module") else network
+
+
+def _to_device(value: Any, device: torch.device, non_blocking: bool) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, non_blocking=non_blocking)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device, non_blocking) for v in value)
+    return value
+
+
+def prepare_ssl_batch(batchdata: dict, device: torch.device, non_blocking: bool = False, **_: Any) -> dict:
+    """Move every tensor of a collated pretraining batch (``outputs.BATCH_KEYS``) to ``device``."""
+    if not isinstance(batchdata, dict):
+        raise TypeError(f"a pretraining batch must be a dict of BATCH_KEYS, got {type(batchdata).__name__}")
+    return {key: _to_device(value, device, non_blocking) for key, value in batchdata.items()}
+
+
+class JointSSLTrainer(Trainer):
+    """Ignite trainer for joint image-volume self-supervised pretraining (Nguyen et al., AAAI 2023).
+
+    Example (what ``bundle/configs/pretrain.json`` builds)::
+
+        trainer = JointSSLTrainer(
+            device=torch.device("cpu"), max_epochs=100, train_data_loader=loader,
+            network=JointSSLNet(...), optimizer=build_optimizer(net), loss_function=JointSSLLoss(...),
+            slices_per_sample=64, amp="bf16", train_handlers=[StatsHandler(...)],
+        )
+        trainer.run()
+
+    Args:
+        device: where the network runs.
+        max_epochs: number of epochs.
+        train_data_loader: yields collated batches with the keys of ``jointssl_monai.outputs.BATCH_KEYS``.
+        network: a :class:`~jointssl_monai.networks.JointSSLNet`, optionally wrapped by
+            ``DistributedDataParallel``.
+        optimizer: the optimiser.
+        loss_function: a :class:`~jointssl_monai.losses.JointSSLLoss`; returns a dict with ``"loss"``.
+        slices_per_sample: the slice budget ``S`` of a volume; intra memory-bank keys are
+            ``dataset_index * S + slice_position``.
+        epoch_length: iterations per epoch (default: the loader's length).
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast; fp16 uses a gradient scaler.
+        grad_clip_norm: clip the global gradient norm at this value (``None``: no clipping).
+        non_blocking: non-blocking host-to-device copies.
+        train_handlers: Ignite/MONAI handlers with an ``attach`` method.
+        nonfinite_policy: ``"stop"`` raises :class:`NonFiniteLossError` (naming iteration and component)
+            before the step, so the last checkpoint stays good; ``"skip"`` drops the step and counts it in
+            ``engine.state.skipped_steps``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Callable[..., dict[str, torch.Tensor]],
+        slices_per_sample: int,
+        epoch_length: int | None = None,
+        amp: str = "none",
+        grad_clip_norm: float | None = None,
+        non_blocking: bool = False,
+        train_handlers: Sequence | None = None,
+        nonfinite_policy: str = "stop",
+    ) -> None:
+        if amp not in ("none", *_AMP_DTYPES):
+            raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+        if nonfinite_policy not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_policy must be 'stop' or 'skip', got {nonfinite_policy!r}")
+        if slices_per_sample < 1:
+            raise ValueError(f"slices_per_sample must be >= 1, got {slices_per_sample}")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_ssl_batch,
+            iteration_update=None,
+            handlers=None,
+            amp=amp != "none",
+            decollate=False,
+        )
+        self.network = network
+        self.optimizer = optimizer
+        self.loss_function = loss_function
+        self.slices_per_sample = slices_per_sample
+        self.amp_dtype = _AMP_DTYPES.get(amp)
+        self.grad_clip_norm = grad_clip_norm
+        self.nonfinite_policy = nonfinite_policy
+        self.state.skipped_steps = 0
+        self._register_sampler_epoch()
+        if train_handlers is not None:
+            self._register_handlers(train_handlers)
+
+    def attach_handlers(self, handlers: Sequence) -> None:
+        """Attach handlers after construction, in order (for handlers that need the trainer itself, such as a
+        ``CheckpointSaver`` whose ``save_dict`` holds the trainer for a full resume)."""
+        self._register_handlers(handlers)
+
+    def _register_sampler_epoch(self) -> None:
+        # MONAI sets the epoch of a DistributedSampler; our mixed batch sampler needs the same, so that each
+        # epoch is shuffled differently and identically on every rank.
+        batch_sampler = getattr(self.data_loader, "batch_sampler", None)
+        if batch_sampler is not None and hasattr(batch_sampler, "set_epoch"):
+            self.add_event_handler(
+                Events.EPOCH_STARTED, lambda engine: batch_sampler.set_epoch(engine.state.epoch)
+            )
+
+    def run(self) -> None:  # type: ignore[override]
+        # A gradient scaler only for fp16 on CUDA; bf16 keeps the float32 exponent range and needs none.
+        use_scaler = self.amp_dtype is torch.float16 and self.state.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        Workflow.run(self)  # not Trainer.run, which makes a CUDA scaler for every amp setting
+
+    def memory_keys(
+        self, batch: dict, output: JointSSLOutput
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Dataset keys of the intra rows (``index * S + slice``) and of the volumes (``index``)."""
+        indices = [batch[k] for k in ("volume_index", "image_index") if batch.get(k) is not None]
+        intra_keys = None
+        if output.intra is not None and output.intra_source is not None and indices:
+            sample_index = torch.cat(indices).to(output.intra_source.device)
+            intra_keys = sample_index[output.intra_source] * self.slices_per_sample + output.intra_slice
+        inter_keys = batch.get("volume_index") if output.inter is not None else None
+        return intra_keys, inter_keys
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.state.device.type, enabled=False)
+        return torch.autocast(self.state.device.type, dtype=self.amp_dtype)
+
+    def _check_finite(self, engine: JointSSLTrainer, losses: dict[str, torch.Tensor]) -> bool:
+        finite = torch.isfinite(losses["loss"].detach()).all().to(torch.int32)
+        if dist.is_available() and dist.is_initialized():
+            # Every rank must take the same decision, or DistributedDataParallel waits forever.
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if bool(finite):
+            return True
+        components = {k: float(v) for k, v in losses.items() if isinstance(v, torch.Tensor)}
+        bad = [name for name, value in components.items() if name != "loss" and not math.isfinite(value)]
+        message = (
+            f"non-finite loss at iteration {engine.state.iteration} (epoch {engine.state.epoch}): "
+            f"component(s) {', '.join(bad) or 'total'}; values "
+            + ", ".join(f"{k}={v:.4g}" for k, v in components.items())
+        )
+        if self.nonfinite_policy == "stop":
+            raise NonFiniteLossError(
+                message + "; stopped before the optimiser step, the last checkpoint is intact"
+            )
+        engine.state.skipped_steps += 1
+        engine.logger.warning(message + "; step skipped")
+        return False
+
+    def _iteration(self, engine: JointSSLTrainer, batchdata: dict) -> dict:  # type: ignore[override]
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        network = unwrap(engine.network)
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            output: JointSSLOutput = engine.network(
+                volume_views=batch.get("volume_views"),
+                num_slices=batch.get("num_slices"),
+                image_views=batch.get("image_views"),
+                image_local_views=batch.get("image_local_views"),
+            )
+            engine.state.output = {"output": output}
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            intra_keys, inter_keys = self.memory_keys(batch, output)
+            losses = engine.loss_function(
+                output,
+                intra_keys=intra_keys,
+                inter_keys=inter_keys,
+                intra_prototypes=_prototype_weights(network, "intra_prototypes"),
+                inter_prototypes=_prototype_weights(network, "inter_prototypes"),
+            )
+        engine.state.output.update(
+            {"loss": losses["loss"].detach(), "intra_keys": intra_keys, "inter_keys": inter_keys}
+        )
+        # Components are detached tensors; collapse diagnostics are plain floats.
+        engine.state.output.update({k if k.endswith(_STAT_SUFFIXES) else f"loss_{k}": v
+                                    for k, v in losses.items() if k != "loss"})  # fmt: skip
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if not self._check_finite(engine, losses):
+            engine.fire_event(IterationEvents.MODEL_COMPLETED)
+            return engine.state.output
+        loss = losses["loss"]
+        if engine.scaler is not None:
+            engine.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if engine.scaler is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        if self.grad_clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
+            engine.state.output["grad_norm"] = norm.detach()
+        if engine.scaler is not None:
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+def _prototype_weights(network: nn.Module, name: str) -> list[torch.Tensor] | None:
+    prototypes = getattr(network, name, None)
+    if prototypes is None:
+        return None
+    return [head.weight for head in prototypes.heads]

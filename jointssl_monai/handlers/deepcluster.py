@@ -1,0 +1,118 @@
+"""DeepCluster-v2 schedule: fill the memory bank, cluster it every epoch, load centroids as prototypes."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from ignite.engine import Events
+
+from jointssl_monai.engines.trainer import unwrap
+from jointssl_monai.losses import DeepClusterV2Loss
+
+if TYPE_CHECKING:
+    from jointssl_monai.engines.trainer import JointSSLTrainer
+    from jointssl_monai.losses import JointSSLLoss
+
+__all__ = ["DeepClusterHandler"]
+
+_LEVELS = ("intra", "inter")
+
+
+class DeepClusterHandler:
+    """Runs the DeepCluster-v2 schedule (Caron et al., 2020) for every level whose loss is DeepCluster-v2.
+
+    - ``STARTED``: if a memory bank is still empty (a fresh run, not a resume), embed the whole training set
+      once without gradients to fill it (``init_memory=True``, as the DeepCluster-v2 reference does);
+      otherwise the first epoch trains without pseudo-labels (ignored rows) and fills the bank as it goes.
+    - ``EPOCH_STARTED``: spherical k-means of every head on the bank (a collective in distributed runs, equal
+      to the single-process result); the centroids replace the network's prototypes of that level, which stay
+      frozen (pair with ``PrototypeHandler(freeze_iterations=None)``).
+
+    The bank itself is updated by the loss during its forward pass, from the rows of the current batch.
+
+    Example (bundle config)::
+
+        {"_target_": "jointssl_monai.handlers.DeepClusterHandler",
+         "loss_function": "@loss", "network": "@network"}
+
+    Args:
+        loss_function: the :class:`~jointssl_monai.losses.JointSSLLoss` of the trainer.
+        network: the pretraining network (``DistributedDataParallel`` is unwrapped).
+        init_memory: fill empty banks with one pass over the data before the first epoch.
+    """
+
+    def __init__(
+        self, loss_function: JointSSLLoss, network: torch.nn.Module, init_memory: bool = True
+    ) -> None:
+        self.levels = {
+            level: loss
+            for level in _LEVELS
+            if isinstance(loss := getattr(loss_function, f"{level}_loss", None), DeepClusterV2Loss)
+        }
+        self.network = network
+        self.init_memory = init_memory
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: JointSSLTrainer) -> None:
+        if not self.levels:
+            return
+        if self.init_memory:
+            engine.add_event_handler(Events.STARTED, self.fill_memory)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.cluster)
+
+    def _empty_levels(self) -> list[str]:
+        return [level for level, loss in self.levels.items() if not bool(loss.written.any())]
+
+    @torch.no_grad()
+    def fill_memory(self, engine: JointSSLTrainer) -> None:
+        """One pass over the training data that stores every embedding in the empty banks."""
+        if not self._empty_levels():
+            return
+        network = engine.network
+        network.train()
+        loader = engine.data_loader
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if batch_sampler is not None and hasattr(batch_sampler, "set_epoch"):
+            batch_sampler.set_epoch(0)
+        for batchdata in loader:
+            batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+            with engine._autocast():
+                output = network(
+                    volume_views=batch.get("volume_views"),
+                    num_slices=batch.get("num_slices"),
+                    image_views=batch.get("image_views"),
+                    image_local_views=batch.get("image_local_views"),
+                )
+            intra_keys, inter_keys = engine.memory_keys(batch, output)
+            for level, keys in (("intra", intra_keys), ("inter", inter_keys)):
+                branch = getattr(output, level)
+                if level in self.levels and branch is not None and keys is not None:
+                    self.levels[level].update_memory(branch.embeddings, keys)
+        rows = {level: int(loss.written.sum()) for level, loss in self.levels.items()}
+        self.logger.info(f"DeepCluster-v2 memory banks filled before training: {rows} rows")
+
+    @torch.no_grad()
+    def cluster(self, engine: JointSSLTrainer) -> None:
+        """k-means on every non-empty bank; copy the centroids into the level's prototypes."""
+        network = unwrap(self.network)
+        for level, loss in self.levels.items():
+            if not bool(loss.written.any()):
+                self.logger.info(
+                    f"DeepCluster-v2 {level}: memory bank still empty, no pseudo-labels this epoch"
+                )
+                continue
+            centroids = loss.cluster()
+            heads = getattr(network, f"{level}_prototypes").heads
+            if len(heads) != len(centroids):
+                raise ValueError(
+                    f"DeepCluster-v2 {level}: the loss has {len(centroids)} heads, the network's prototypes "
+                    f"{len(heads)}; set the same prototype counts for both"
+                )
+            for head, centroid in zip(heads, centroids, strict=True):
+                head.weight.copy_(centroid.to(head.weight))
+            self.logger.info(
+                f"DeepCluster-v2 {level}: k-means on {int(loss.written.sum())} rows into "
+                f"{[c.shape[0] for c in centroids]} clusters (epoch {engine.state.epoch})"
+            )
