@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from jointssl_monai.networks import MaskedSliceModeling, MultiPrototypes, ProjectionHead, SliceAggregator
+
+
+def _aggregator(attention, **kw):
+    torch.manual_seed(0)
+    return SliceAggregator(16, num_layers=2, ff_dim=24, heads=2, dim_head=8, attention=attention, **kw).eval()
+
+
+@pytest.mark.parametrize("attention", ["deformable", "full"])
+def test_padding_has_no_effect_and_z_is_masked_mean(attention):
+    agg = _aggregator(attention)
+    seq = torch.randn(1, 5, 16)
+    tokens_alone, z_alone = agg(seq)
+    x = torch.randn(2, 9, 16) * 10
+    x[0, :5] = seq[0]
+    valid = torch.arange(9)[None] < torch.tensor([[5], [9]])
+    tokens, z = agg(x, valid)
+    torch.testing.assert_close(tokens[0, :5], tokens_alone[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(z[0], z_alone[0], rtol=1e-4, atol=1e-5)
+    assert torch.all(tokens[0, 5:] == 0)
+    torch.testing.assert_close(z, tokens.sum(1) / valid.sum(1, keepdim=True))
+
+
+def test_position_encoding_makes_full_attention_order_aware():
+    x = torch.randn(1, 6, 16)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    _, z_free = _aggregator("full", position_encoding=False)(x)
+    _, z_free_perm = _aggregator("full", position_encoding=False)(x[:, perm])
+    torch.testing.assert_close(z_free, z_free_perm, rtol=1e-4, atol=1e-5)  # a set function without positions
+    _, z_pe = _aggregator("full")(x)
+    _, z_pe_perm = _aggregator("full")(x[:, perm])
+    assert not torch.allclose(z_pe, z_pe_perm, atol=1e-3)
+
+
+def test_aggregator_rejects_bad_tokens():
+    with pytest.raises(ValueError, match="SliceAggregator: tokens must be"):
+        _aggregator("full")(torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match="attention must be"):
+        SliceAggregator(16, attention="linear")
+
+
+def test_mask_sampling_rules():
+    mm = MaskedSliceModeling(8, mask_ratio=0.1)
+    lengths = torch.tensor([1, 2, 9, 30, 40])
+    valid = torch.arange(40)[None] < lengths[:, None]
+    gen = torch.Generator().manual_seed(0)
+    seen = torch.zeros_like(valid)
+    for _ in range(50):
+        mask = mm.sample_mask(valid, gen)
+        assert not (mask & ~valid).any()  # never a padded slice
+        assert mask.sum(1).tolist() == [0, 1, 1, 3, 4]  # round(10 %), at least 1 when L >= 2, never all
+        seen |= mask
+    assert seen[3, :30].all()  # every valid position gets masked some time
+    tokens = torch.randn(5, 40, 8)
+    masked = mm.mask_tokens(tokens, mask)
+    assert torch.equal(masked[mask], mm.mask_token.expand(int(mask.sum()), 8))
+    assert torch.equal(masked[~mask], tokens[~mask])
+    assert not MaskedSliceModeling(8, mask_ratio=0.0).sample_mask(valid).any()
+
+
+def test_prototypes_score_cosines_and_normalize_in_place():
+    protos = MultiPrototypes(4, [3, 5])
+    assert [h.weight.shape for h in protos.heads] == [(3, 4), (5, 4)]
+    assert all(h.bias is None for h in protos.heads)
+    with torch.no_grad():
+        protos.heads[0].weight.mul_(7)
+    protos.normalize_()
+    torch.testing.assert_close(protos.heads[0].weight.norm(dim=1), torch.ones(3))
+    x = torch.randn(6, 4) * 5
+    scores = protos(x)
+    expected = torch.nn.functional.cosine_similarity(x[:, None], protos.heads[1].weight[None], dim=-1)
+    torch.testing.assert_close(scores[1], expected)
+    assert MultiPrototypes(4, 10).num_prototypes == (10,)
+
+
+def test_projection_head_layers():
+    head = ProjectionHead(8, 16, 4, num_layers=3, batch_norm=True)
+    kinds = [type(m).__name__ for m in head.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert head(torch.randn(5, 8)).shape == (5, 4)
+    assert len(ProjectionHead(8, 16, 4, num_layers=1).mlp) == 1

@@ -1,0 +1,157 @@
+import pytest
+import torch
+
+from jointssl_monai.networks import JointSSLNet
+from jointssl_monai.outputs import JointSSLOutput
+
+TINY = dict(
+    backbone="resnet10",
+    d_model=32,
+    proj_hidden_dim=32,
+    proj_dim=16,
+    intra_prototypes=[10, 12],
+    inter_prototypes=8,
+    num_layers=2,
+    ff_dim=48,
+    heads=2,
+    dim_head=8,
+    dropout=0.0,
+    mask_ratio=0.25,
+)
+
+
+def _net(**kw):
+    torch.manual_seed(0)
+    return JointSSLNet(**{**TINY, **kw})
+
+
+def _volumes(num_slices, s=5, hw=32):
+    views = [torch.randn(len(num_slices), 1, s, hw, hw) for _ in range(2)]
+    for v in views:
+        for b, n in enumerate(num_slices):
+            v[b, :, n:] = 0
+    return views, torch.tensor(num_slices)
+
+
+@pytest.mark.parametrize("num_slices,num_images", [([5, 1, 3], 0), (None, 3), ([4, 1], 2)])
+def test_shapes_of_mixed_batches(num_slices, num_images):
+    net = _net()
+    vols, ns = _volumes(num_slices) if num_slices else (None, None)
+    imgs = [torch.randn(num_images, 1, 32, 32) for _ in range(2)] if num_images else None
+    out = net(volume_views=vols, num_slices=ns, image_views=imgs)
+    assert isinstance(out, JointSSLOutput)
+    n_vol = len(num_slices or [])
+    n_rows = sum(num_slices or []) + num_images
+    assert out.intra.num_views == 2
+    for v in range(2):
+        assert out.intra.embeddings[v].shape == (n_rows, 16)
+        assert [s.shape for s in out.intra.scores[v]] == [(n_rows, 10), (n_rows, 12)]
+    exp_source = [b for b, n in enumerate(num_slices or []) for _ in range(n)] + [
+        n_vol + i for i in range(num_images)
+    ]
+    exp_slice = [i for n in num_slices or [] for i in range(n)] + [0] * num_images
+    assert out.intra_source.tolist() == exp_source and out.intra_slice.tolist() == exp_slice
+    if num_slices is None:
+        assert out.inter is None and out.masked_prediction is None and out.volume_features is None
+        return
+    s = vols[0].shape[2]
+    assert [z.shape for z in out.volume_features] == [(n_vol, 32)] * 2
+    assert out.inter.embeddings[1].shape == (n_vol, 16) and out.inter.scores[0][0].shape == (n_vol, 8)
+    assert out.masked_prediction.shape == out.masked_target.shape == (n_vol, s, 32)
+    assert torch.equal(out.valid, torch.arange(s)[None] < ns[:, None])
+    assert not (out.mask & ~out.valid).any()
+    assert out.mask.sum(1).tolist() == [0 if n == 1 else max(1, round(0.25 * n)) for n in num_slices]
+    assert not out.masked_target.requires_grad
+    assert torch.all(out.masked_target[~out.valid] == 0) and torch.all(out.masked_prediction[~out.valid] == 0)
+
+
+def test_local_views_map_to_image_rows():
+    net = _net()
+    vols, ns = _volumes([3, 2])
+    imgs = [torch.randn(2, 1, 32, 32) for _ in range(2)]
+    local = [torch.randn(2, 1, 16, 16) for _ in range(3)]
+    out = net(vols, ns, imgs, local)
+    assert len(out.intra.local_scores) == 3 and out.intra.local_scores[2][1].shape == (2, 12)
+    assert out.intra.local_rows.tolist() == [5, 6]
+    assert out.intra_source[out.intra.local_rows].tolist() == [2, 3]  # the images, after the 2 volumes
+
+
+def _scalar(out: JointSSLOutput, gen: torch.Generator) -> torch.Tensor:
+    """A simple scalar touching every input of the three objectives (random weights avoid cancellations)."""
+    total = torch.zeros(())
+    branches = [out.intra, out.inter]
+    for br in branches:
+        for t in br.embeddings + [s for per in br.scores + br.local_scores for s in per]:
+            total = total + (t * torch.randn(t.shape, generator=gen)).sum()
+    m = out.mask[..., None]
+    total = total + ((out.masked_prediction - out.masked_target) ** 2 * m).sum()
+    return total
+
+
+def test_gradients_reach_every_trainable_parameter():
+    net = _net()
+    vols, ns = _volumes([5, 3])
+    imgs = [torch.randn(2, 1, 32, 32) for _ in range(2)]
+    out = net(vols, ns, imgs, [torch.randn(2, 1, 16, 16)])
+    _scalar(out, torch.Generator().manual_seed(0)).backward()
+    missing = [
+        n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
+    ]
+    assert not missing
+
+
+def test_padded_slices_change_nothing():
+    net = _net().train()
+    vols, ns = _volumes([5, 2, 3])
+    imgs = [torch.randn(2, 1, 32, 32) for _ in range(2)]
+    noisy = [v.clone() for v in vols]
+    for v in noisy:
+        for b, n in enumerate(ns.tolist()):
+            v[b, :, n:] = torch.randn_like(v[b, :, n:]) * 50
+    outs = []
+    for views in (vols, noisy):
+        torch.manual_seed(123)  # same mask draw
+        outs.append(net(views, ns, imgs))
+    a, b = outs
+    pairs = [(a.masked_prediction, b.masked_prediction), (a.masked_target, b.masked_target), (a.mask, b.mask)]
+    pairs += list(zip(a.volume_features, b.volume_features, strict=True))
+    for br_a, br_b in ((a.intra, b.intra), (a.inter, b.inter)):
+        pairs += list(zip(br_a.embeddings, br_b.embeddings, strict=True))
+        pairs += [
+            (x, y)
+            for pa, pb in zip(br_a.scores, br_b.scores, strict=True)
+            for x, y in zip(pa, pb, strict=True)
+        ]
+    for x, y in pairs:
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_stage_flags_freeze_and_disable_branches():
+    net = _net(use_intra=False, use_inter=False, freeze_encoder=True)  # authors' stage B
+    net.train()
+    assert not net.encoder.training and not any(p.requires_grad for p in net.encoder.parameters())
+    assert not any(p.requires_grad for p in net.intra_prototypes.parameters())
+    running = net.encoder.resnet.bn1.running_mean.clone()
+    vols, ns = _volumes([4, 3])
+    out = net(vols, ns)
+    assert out.intra is None and out.inter is None and out.volume_features is None
+    assert torch.equal(running, net.encoder.resnet.bn1.running_mean)
+    _ = ((out.masked_prediction - out.masked_target) ** 2).sum().backward()
+    assert net.masked_modeling.mask_token.grad is not None and net.encoder.resnet.conv1.weight.grad is None
+    stage_c = _net(use_intra=False, use_mask=False)
+    out = stage_c(vols, ns, [torch.randn(2, 1, 32, 32)] * 2)
+    assert out.intra is None and out.masked_prediction is None and out.inter.scores[0][0].shape == (2, 8)
+    assert set(stage_c.state_dict()) == set(net.state_dict())
+
+
+def test_bad_batches_are_named():
+    net = _net()
+    vols, _ = _volumes([3, 2])
+    with pytest.raises(ValueError, match="num_slices"):
+        net(vols, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="neither volume_views nor image_views"):
+        net()
+    with pytest.raises(ValueError, match=r"volume_views\[1\]"):
+        net([vols[0], vols[1][:, :, :4]])
+    with pytest.raises(ValueError, match=r"image_views\[0\]"):
+        net(image_views=[torch.randn(2, 3, 32, 32)] * 2)
