@@ -1,7 +1,8 @@
 """Mixed 2D/3D batches: a distributed-aware batch sampler and the collate function of the pretraining loader.
 
 The collate function returns exactly the keys of :data:`jointssl_monai.outputs.BATCH_KEYS`. Every item is
-checked *before* anything is stacked, so that a bad item gives an error naming its file instead of a shape error
+checked *before* anything is stacked, so that a bad item gives an error naming its file instead of a shape
+error
 deep inside ``torch.stack``; items a guarded pipeline marked as skipped (``skip_bad_inputs``) are dropped.
 """
 
@@ -27,10 +28,13 @@ SKIPPED_KEY = "skipped"
 class MixedBatchSampler(Sampler[list[int]]):
     """Batches that hold ``volumes_per_batch`` volumes and ``images_per_batch`` 2D images, as dataset indices.
 
-    Each epoch permutes the volume and the image indices (seeded by ``seed + epoch``, so every rank draws the same
+    Each epoch permutes the volume and the image indices (seeded by ``seed + epoch``, so every rank draws the
+    same
     permutation), gives every rank a disjoint, equally long share of each (``rank::num_replicas``, padded by
-    wrapping around so all ranks run the same number of steps), and cuts batches. The epoch lasts until the longer
-    stream is used up; the shorter one restarts with a fresh permutation (its items are then seen more than once).
+    wrapping around so all ranks run the same number of steps), and cuts batches. The epoch lasts until the
+    longer
+    stream is used up; the shorter one restarts with a fresh permutation (its items are then seen more than
+    once).
     Call :meth:`set_epoch` at every epoch, as with ``DistributedSampler``.
 
     Args:

@@ -7,7 +7,8 @@ The output is a MONAI (Decathlon-style) datalist::
                   {"image": "xray/b.png", "dims": 2, "modality": "OT", ...}]}
 
 Paths are relative to the folder of the datalist file (MONAI's ``load_decathlon_datalist`` resolves them with
-``base_dir``), so a dataset folder can be moved together with its datalist. A DICOM series is listed as its files
+``base_dir``), so a dataset folder can be moved together with its datalist. A DICOM series is listed as its
+files
 in slice order, so a folder may hold several series. The result is deterministic: files are visited in sorted
 order and series are sorted by their first file.
 """
@@ -124,7 +125,8 @@ def order_dicom_series(datasets: Sequence[tuple[Path, Any]]) -> list[Path]:
     """Order the single-frame files of one series along the slice normal and check that the series is whole.
 
     Slices are sorted by ``ImagePositionPatient`` projected on the normal of ``ImageOrientationPatient``; when
-    either tag is missing, by ``InstanceNumber``. Then every slice must share Rows/Columns and orientation, no two
+    either tag is missing, by ``InstanceNumber``. Then every slice must share Rows/Columns and orientation,
+    no two
     slices may share a position, and the spacing must be regular (a gap means a missing slice).
 
     Raises:
@@ -157,8 +159,8 @@ def order_dicom_series(datasets: Sequence[tuple[Path, Any]]) -> list[Path]:
                 i = int(np.argmax(irregular))
                 raise BadInputError(
                     paths,
-                    f"incomplete series: gap of {gaps[i]:.3f} mm after {paths[order[i]].name} where slices are "
-                    f"{step:.3f} mm apart (a slice is missing)",
+                    f"incomplete series: gap of {gaps[i]:.3f} mm after {paths[order[i]].name} where "
+                    f"slices are {step:.3f} mm apart (a slice is missing)",
                 )
     else:
         numbers = [ds.get("InstanceNumber") for _, ds in datasets]
@@ -224,12 +226,14 @@ def build_datalist(
     Args:
         paths: folders to scan recursively, or single files.
         modality_map: ``{pattern: modality}`` for files without a DICOM ``Modality`` tag; patterns are
-            ``fnmatch`` globs tried in order against the path relative to the scanned folder, then the full path
+            ``fnmatch`` globs tried in order against the path relative to the scanned folder, then the full
+            path
             (e.g. ``{"ct/*": "CT", "*t1*": "MR"}``).
         default_modality: modality of non-DICOM files that no pattern matches (``"OT"``, DICOM's "other").
         skip_bad_inputs: skip broken files and series (each listed with its reason in the summary) instead of
             raising :class:`BadInputError`.
-        base_dir: write paths relative to this folder (normally the datalist's folder); absolute when ``None``.
+        base_dir: write paths relative to this folder (normally the datalist's folder); absolute when
+        ``None``.
         max_voxels: refuse headers that claim more values than this.
         fields: extra fields copied into every entry.
 

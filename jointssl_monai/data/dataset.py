@@ -3,13 +3,15 @@
 The pipeline per datalist item ``{"image", "dims", "modality", ...}``:
 
 1. deterministic (cacheable): load (:class:`~jointssl_monai.data.io.LoadSSLImaged`), orientation and optional
-   resampling (volumes), intensity normalisation per modality, slice sequence (``center``/``stride`` policies),
+   resampling (volumes), intensity normalisation per modality, slice sequence (``center``/``stride``
+   policies),
    in-plane resize to ``H x W``;
 2. random (after the cache): slice sequence with the ``random`` policy, then the two views (volume or 2D).
 
 With ``cache="memory"`` (MONAI ``CacheDataset``) or ``cache="disk"`` (``PersistentDataset``) the first part is
 computed once per item. Both parts are wrapped by a guard: a bad input raises a
-:class:`~jointssl_monai.data.validation.BadInputError` naming the file, or, with ``skip_bad_inputs=True``, turns
+:class:`~jointssl_monai.data.validation.BadInputError` naming the file, or, with ``skip_bad_inputs=True``,
+turns
 into a marker that the collate function drops (and logs once).
 """
 
@@ -139,7 +141,8 @@ def build_pretrain_transforms(
     skip_bad_inputs: bool = False,
     seed: int = 0,
 ) -> tuple[Compose, Compose]:
-    """Build the ``(deterministic, random)`` pipelines; see :func:`build_pretrain_dataset` for the arguments."""
+    """Build the ``(deterministic, random)`` pipelines; see :func:`build_pretrain_dataset` for the
+    arguments."""
     deterministic: list[Transform] = [LoadSSLImaged("image", reader=reader, max_voxels=max_voxels)]
     if axcodes:
         deterministic.append(VolumeOnlyd(Orientationd("image", axcodes=axcodes)))
@@ -195,10 +198,12 @@ def build_pretrain_dataset(
         seed: seed of the random transforms (each loader worker offsets it).
         transform_kwargs: passed to :func:`build_pretrain_transforms` (``slice_policy``, ``slice_axis``,
             ``axcodes``, ``pixdim``, ``ct_window``, ``percentiles``, ``in_plane_mode``, ``view_transforms``,
-            ``view_policy``, ``image_scale``, ``num_local_crops``, ``local_size``, ``reader``, ``max_voxels``).
+            ``view_policy``, ``image_scale``, ``num_local_crops``, ``local_size``, ``reader``,
+            ``max_voxels``).
 
     Returns:
-        A MONAI ``Dataset``, ``CacheDataset`` or ``PersistentDataset``; ``dataset.data[i]["dims"]`` tells volumes
+        A MONAI ``Dataset``, ``CacheDataset`` or ``PersistentDataset``; ``dataset.data[i]["dims"]`` tells
+        volumes
         from images (the batch sampler uses it) and ``"index"`` is the position in the datalist.
     """
     entries = load_datalist(datalist) if isinstance(datalist, (str, os.PathLike)) else list(datalist)

@@ -1,7 +1,8 @@
 """Checks that refuse bad input early, with an error that names the file and the problem.
 
 Header checks run *before* any pixel data is decoded, so that a file whose header claims an absurd size is
-refused without allocating it. Array checks run right after loading, so that NaN/Inf voxels, constant images or
+refused without allocating it. Array checks run right after loading, so that NaN/Inf voxels, constant images
+or
 a wrong dimensionality never reach training silently.
 """
 
@@ -57,7 +58,8 @@ def describe_path(path: str | os.PathLike | Sequence | None) -> str:
     paths = [str(p) for p in path]
     if len(paths) == 1:
         return paths[0]
-    return f"DICOM series of {len(paths)} files in {os.path.dirname(paths[0]) or '.'} ({Path(paths[0]).name}, ...)"
+    folder = os.path.dirname(paths[0]) or "."
+    return f"DICOM series of {len(paths)} files in {folder} ({Path(paths[0]).name}, ...)"
 
 
 @dataclass
@@ -118,7 +120,8 @@ def check_nifti_header(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VO
 
 
 def check_itk_header(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[int, ...]:
-    """Read only the header of an ITK-readable file (MHA, NRRD, PNG, ...); return its spatial shape ``(x, y[, z])``.
+    """Read only the header of an ITK-readable file (MHA, NRRD, PNG, ...); return its spatial shape ``(x, y[,
+    z])``.
 
     RGB(A) pictures are accepted (they are converted to grey levels when loaded); other multi-component pixels
     (vectors, complex numbers) are refused.

@@ -2,11 +2,14 @@
 
 Volumes: every spatial transform acts **in-plane only** and identically on every slice (the slice sequence is
 fed to MONAI's 2D transforms with the slices as channels), and the slice selection happened before the views
-split (:class:`~jointssl_monai.data.transforms.SliceSequenced`). Hence slice position ``i`` of view ``s`` and of
-view ``t`` come from the same source slice, which the intra-level clustering relies on. Padded slices stay zero.
+split (:class:`~jointssl_monai.data.transforms.SliceSequenced`). Hence slice position ``i`` of view ``s`` and
+of
+view ``t`` come from the same source slice, which the intra-level clustering relies on. Padded slices stay
+zero.
 
 As in the authors' code, each view of a volume gets *one* transform drawn from flip, affine, low resolution,
-noise, blur, bias field and gamma (``policy="one"``); ``policy="compose"`` applies each with probability ``prob``.
+noise, blur, bias field and gamma (``policy="one"``); ``policy="compose"`` applies each with probability
+``prob``.
 
 2D images get SwAV-style views (Caron et al., NeurIPS 2020): random resized crops, flips, intensity jitter and
 blur, plus optional small local crops (multi-crop).
@@ -44,7 +47,8 @@ VOLUME_VIEW_TRANSFORMS = ("flip", "affine", "lowres", "noise", "blur", "bias", "
 
 
 def _plain(x: Any) -> torch.Tensor:
-    """A plain float tensor (MONAI transforms may return MetaTensors, which collate and networks don't need)."""
+    """A plain float tensor (MONAI transforms may return MetaTensors, which collate and networks don't
+    need)."""
     x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
     return x.float()
 
