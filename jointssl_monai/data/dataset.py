@@ -36,6 +36,10 @@ from jointssl_monai.data.validation import DEFAULT_MAX_VOXELS, BadInputError, de
 from jointssl_monai.data.views import VOLUME_VIEW_TRANSFORMS, ImageViewsd, VolumeViewsd
 
 __all__ = [
+    "SSLCacheDataset",
+    "SSLDataset",
+    "SSLPersistentDataset",
+    "find_bad_input",
     "GuardedTransform",
     "JointViewsd",
     "VolumeOnlyd",
@@ -45,6 +49,53 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def find_bad_input(err: BaseException | None) -> BadInputError | None:
+    """The :class:`BadInputError` inside ``err``'s cause chain (MONAI wraps every transform error in a
+    ``RuntimeError("applying transform ...")``), or ``None``."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, BadInputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class _UnwrapBadInput:
+    """Dataset mixin: re-raise a bad input as the plain :class:`BadInputError` naming the file, instead of
+    MONAI's generic ``RuntimeError("applying transform ...")``."""
+
+    def _transform(self, index: int):
+        try:
+            return super()._transform(index)
+        except RuntimeError as err:
+            bad = find_bad_input(err)
+            if bad is None:
+                raise
+            raise BadInputError(bad.path, bad.problem) from None
+
+    def _load_cache_item(self, idx: int):
+        try:
+            return super()._load_cache_item(idx)
+        except RuntimeError as err:
+            bad = find_bad_input(err)
+            if bad is None:
+                raise
+            raise BadInputError(bad.path, bad.problem) from None
+
+
+class SSLDataset(_UnwrapBadInput, Dataset):
+    """MONAI ``Dataset`` whose bad inputs raise :class:`BadInputError` (naming the file) directly."""
+
+
+class SSLCacheDataset(_UnwrapBadInput, CacheDataset):
+    """MONAI ``CacheDataset`` whose bad inputs raise :class:`BadInputError` (naming the file) directly."""
+
+
+class SSLPersistentDataset(_UnwrapBadInput, PersistentDataset):
+    """MONAI ``PersistentDataset`` whose bad inputs raise :class:`BadInputError` (naming the file) directly."""
 
 
 class GuardedTransform(Transform):
@@ -66,13 +117,14 @@ class GuardedTransform(Transform):
         try:
             return self.transform(data)
         except Exception as err:
-            bad = (
-                err
-                if isinstance(err, BadInputError)
-                else BadInputError(source, f"{type(err).__name__}: {err}")
-            )
+            bad = find_bad_input(err)
+            if bad is None:  # an unexpected failure: report its root cause with the file name
+                root = err
+                while root.__cause__ is not None:
+                    root = root.__cause__
+                bad = BadInputError(source, f"{type(root).__name__}: {root}")
             if not self.skip_bad_inputs:
-                raise bad from err
+                raise BadInputError(bad.path, bad.problem) from err
             logger.warning("skipping bad input %s", bad)
             return {SKIPPED_KEY: str(bad), "index": data.get("index", -1), "source": source}
 
@@ -145,7 +197,9 @@ def build_pretrain_transforms(
     arguments."""
     deterministic: list[Transform] = [LoadSSLImaged("image", reader=reader, max_voxels=max_voxels)]
     if axcodes:
-        deterministic.append(VolumeOnlyd(Orientationd("image", axcodes=axcodes)))
+        deterministic.append(
+            VolumeOnlyd(Orientationd("image", axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+        )
     if pixdim is not None:
         deterministic.append(VolumeOnlyd(Spacingd("image", pixdim=tuple(pixdim), mode="bilinear")))
     deterministic.append(ScaleIntensityByModalityd("image", ct_window=ct_window, percentiles=percentiles))
@@ -218,13 +272,13 @@ def build_pretrain_dataset(
     )  # fmt: skip
     transform = Compose([*det.transforms, *rnd.transforms])
     if cache == "none":
-        return Dataset(data, transform)
+        return SSLDataset(data, transform)
     if cache == "memory":
-        return CacheDataset(data, transform, num_workers=cache_num_workers, progress=False)
+        return SSLCacheDataset(data, transform, num_workers=cache_num_workers, progress=False)
     if cache == "disk":
         if cache_dir is None:
             raise ValueError("cache='disk' needs a cache_dir")
-        return PersistentDataset(data, transform, cache_dir=str(cache_dir))
+        return SSLPersistentDataset(data, transform, cache_dir=str(cache_dir))
     raise ValueError(f"cache must be 'none', 'memory' or 'disk', got {cache!r}")
 
 
