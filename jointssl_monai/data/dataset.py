@@ -36,16 +36,16 @@ from jointssl_monai.data.validation import DEFAULT_MAX_VOXELS, BadInputError, de
 from jointssl_monai.data.views import VOLUME_VIEW_TRANSFORMS, ImageViewsd, VolumeViewsd
 
 __all__ = [
+    "GuardedTransform",
+    "JointViewsd",
     "SSLCacheDataset",
     "SSLDataset",
     "SSLPersistentDataset",
-    "find_bad_input",
-    "GuardedTransform",
-    "JointViewsd",
     "VolumeOnlyd",
     "build_pretrain_dataset",
     "build_pretrain_loader",
     "build_pretrain_transforms",
+    "find_bad_input",
 ]
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class SSLCacheDataset(_UnwrapBadInput, CacheDataset):
 
 
 class SSLPersistentDataset(_UnwrapBadInput, PersistentDataset):
-    """MONAI ``PersistentDataset`` whose bad inputs raise :class:`BadInputError` (naming the file) directly."""
+    """MONAI ``PersistentDataset`` whose bad inputs raise :class:`BadInputError` naming the file."""
 
 
 class GuardedTransform(Transform):

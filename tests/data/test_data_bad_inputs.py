@@ -1,9 +1,10 @@
-"""Generated bad inputs of every kind: each gives an error naming the file and the problem, or a counted skip."""
+"""Generated bad inputs of every kind: an error naming the file and the problem, or a counted skip."""
 
 from __future__ import annotations
 
 import gzip
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -88,7 +89,7 @@ def _dicom_lying_header(tmp_path, _):
 
 def _dicom_truncated(tmp_path, _):
     src = pydicom.data.get_testdata_file("CT_small.dcm", download=False)
-    data = open(src, "rb").read()
+    data = Path(src).read_bytes()
     path = tmp_path / "truncated.dcm"
     path.write_bytes(data[: len(data) - 9000])
     return path
