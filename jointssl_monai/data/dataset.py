@@ -271,6 +271,7 @@ def build_pretrain_dataset(
         **transform_kwargs,
     )  # fmt: skip
     transform = Compose([*det.transforms, *rnd.transforms])
+    transform.set_random_state(seed=seed)  # Compose() reseeds its children from MONAI's global seed
     if cache == "none":
         return SSLDataset(data, transform)
     if cache == "memory":
