@@ -92,9 +92,14 @@ def main() -> None:
         "--step-seconds", type=float, default=None,
         help="seconds of one pretraining step on --batch-volumes volumes (adds a consumption column)",
     )  # fmt: skip
+    parser.add_argument(
+        "--torch-threads", type=int, default=None,
+        help="intra-op threads of the main process (loader workers always use 1); default: torch's choice",
+    )  # fmt: skip
     parser.add_argument("--output", default="bench_results/data.json")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

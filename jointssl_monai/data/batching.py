@@ -2,12 +2,13 @@
 
 The collate function returns exactly the keys of :data:`jointssl_monai.outputs.BATCH_KEYS`. Every item is
 checked *before* anything is stacked, so that a bad item gives an error naming its file instead of a shape
-error
-deep inside ``torch.stack``; items a guarded pipeline marked as skipped (``skip_bad_inputs``) are dropped.
+error deep inside ``torch.stack``; items a guarded pipeline marked as skipped (``skip_bad_inputs``) are
+dropped.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -24,18 +25,17 @@ __all__ = ["SKIPPED_KEY", "MixedBatchSampler", "collate_joint_ssl", "validate_it
 #: Key of the marker an item carries when a guarded pipeline skipped it (the value is the reason).
 SKIPPED_KEY = "skipped"
 
+logger = logging.getLogger(__name__)
+
 
 class MixedBatchSampler(Sampler[list[int]]):
     """Batches that hold ``volumes_per_batch`` volumes and ``images_per_batch`` 2D images, as dataset indices.
 
     Each epoch permutes the volume and the image indices (seeded by ``seed + epoch``, so every rank draws the
-    same
-    permutation), gives every rank a disjoint, equally long share of each (``rank::num_replicas``, padded by
-    wrapping around so all ranks run the same number of steps), and cuts batches. The epoch lasts until the
-    longer
-    stream is used up; the shorter one restarts with a fresh permutation (its items are then seen more than
-    once).
-    Call :meth:`set_epoch` at every epoch, as with ``DistributedSampler``.
+    same permutation), gives every rank a disjoint, equally long share of each (``rank::num_replicas``, padded
+    by wrapping around so all ranks run the same number of steps), and cuts batches. The epoch lasts until the
+    longer stream is used up; the shorter one restarts with a fresh permutation (its items are then seen more
+    than once). Call :meth:`set_epoch` at every epoch, as with ``DistributedSampler``.
 
     Args:
         dims: ``dims`` (2 or 3) of every dataset item, in dataset order.
@@ -156,15 +156,20 @@ def collate_joint_ssl(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Collate transformed items into the :data:`~jointssl_monai.outputs.BATCH_KEYS` dict.
 
     Volumes (views ``(C, S, H, W)``) and 2D images (views ``(C, H, W)``) are split by their view rank; absent
-    parts are ``None``. Items carrying :data:`SKIPPED_KEY` are dropped.
+    parts are ``None``. Items carrying :data:`SKIPPED_KEY` are dropped; when none is left, every value is
+    ``None`` (an empty batch the trainer should pass over).
 
     Raises:
-        BadInputError: an item is malformed (the message names its file), or no item is left.
+        BadInputError: an item is malformed (the message names its file).
     """
     kept = [it for it in items if SKIPPED_KEY not in it]
-    if not kept:
-        names = "; ".join(str(it.get(SKIPPED_KEY)) for it in items)
-        raise BadInputError("batch", f"every item of the batch was skipped as bad input: {names}")
+    if (
+        not kept
+    ):  # every item was a skipped bad input: an empty batch (all None), for the trainer to pass over
+        logger.warning(
+            "every item of a batch was skipped as bad input: %s", [it.get("source") for it in items]
+        )
+        return dict.fromkeys(BATCH_KEYS)
     expected: dict[str, tuple[int, ...]] = {}
     volumes, images = [], []
     for it in kept:

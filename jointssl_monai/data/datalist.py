@@ -8,9 +8,8 @@ The output is a MONAI (Decathlon-style) datalist::
 
 Paths are relative to the folder of the datalist file (MONAI's ``load_decathlon_datalist`` resolves them with
 ``base_dir``), so a dataset folder can be moved together with its datalist. A DICOM series is listed as its
-files
-in slice order, so a folder may hold several series. The result is deterministic: files are visited in sorted
-order and series are sorted by their first file.
+files in slice order, so a folder may hold several series. The result is deterministic: files are visited in
+sorted order and series are sorted by their first file.
 """
 
 from __future__ import annotations
@@ -125,9 +124,8 @@ def order_dicom_series(datasets: Sequence[tuple[Path, Any]]) -> list[Path]:
     """Order the single-frame files of one series along the slice normal and check that the series is whole.
 
     Slices are sorted by ``ImagePositionPatient`` projected on the normal of ``ImageOrientationPatient``; when
-    either tag is missing, by ``InstanceNumber``. Then every slice must share Rows/Columns and orientation,
-    no two
-    slices may share a position, and the spacing must be regular (a gap means a missing slice).
+    either tag is missing, by ``InstanceNumber``. Then every slice must share Rows/Columns and orientation, no
+    two slices may share a position, and the spacing must be regular (a gap means a missing slice).
 
     Raises:
         BadInputError: the series is mixed or incomplete; the message names the series and the problem.
@@ -227,13 +225,11 @@ def build_datalist(
         paths: folders to scan recursively, or single files.
         modality_map: ``{pattern: modality}`` for files without a DICOM ``Modality`` tag; patterns are
             ``fnmatch`` globs tried in order against the path relative to the scanned folder, then the full
-            path
-            (e.g. ``{"ct/*": "CT", "*t1*": "MR"}``).
+            path (e.g. ``{"ct/*": "CT", "*t1*": "MR"}``).
         default_modality: modality of non-DICOM files that no pattern matches (``"OT"``, DICOM's "other").
         skip_bad_inputs: skip broken files and series (each listed with its reason in the summary) instead of
             raising :class:`BadInputError`.
-        base_dir: write paths relative to this folder (normally the datalist's folder); absolute when
-        ``None``.
+        base_dir: write paths relative to this folder (normally the datalist's folder); absolute if ``None``.
         max_voxels: refuse headers that claim more values than this.
         fields: extra fields copied into every entry.
 

@@ -4,15 +4,13 @@ The pipeline per datalist item ``{"image", "dims", "modality", ...}``:
 
 1. deterministic (cacheable): load (:class:`~jointssl_monai.data.io.LoadSSLImaged`), orientation and optional
    resampling (volumes), intensity normalisation per modality, slice sequence (``center``/``stride``
-   policies),
-   in-plane resize to ``H x W``;
+   policies), in-plane resize to ``H x W``;
 2. random (after the cache): slice sequence with the ``random`` policy, then the two views (volume or 2D).
 
 With ``cache="memory"`` (MONAI ``CacheDataset``) or ``cache="disk"`` (``PersistentDataset``) the first part is
 computed once per item. Both parts are wrapped by a guard: a bad input raises a
 :class:`~jointssl_monai.data.validation.BadInputError` naming the file, or, with ``skip_bad_inputs=True``,
-turns
-into a marker that the collate function drops (and logs once).
+turns into a marker that the collate function drops (and logs once).
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from jointssl_monai.data.batching import SKIPPED_KEY, MixedBatchSampler, collate
 from jointssl_monai.data.datalist import load_datalist
 from jointssl_monai.data.io import LoadSSLImaged
 from jointssl_monai.data.transforms import ResizeInPlaned, ScaleIntensityByModalityd, SliceSequenced
-from jointssl_monai.data.validation import DEFAULT_MAX_VOXELS, BadInputError, describe_path
+from jointssl_monai.data.validation import DEFAULT_MAX_VOXELS, BadInputError, SkipLog, describe_path
 from jointssl_monai.data.views import VOLUME_VIEW_TRANSFORMS, ImageViewsd, VolumeViewsd
 
 __all__ = [
@@ -103,12 +101,14 @@ class GuardedTransform(Transform):
     ``skip_bad_inputs``, into a marker item ``{"skipped": reason, "index": ..., "source": ...}``.
 
     Marker items pass through later guards untouched and are dropped by
-    :func:`~jointssl_monai.data.batching.collate_joint_ssl`.
+    :func:`~jointssl_monai.data.batching.collate_joint_ssl`. Each skipped input is logged once per process
+    (without a cache the same bad file is met again every epoch) and counted in :attr:`skipped`.
     """
 
     def __init__(self, transform: Transform, skip_bad_inputs: bool = False) -> None:
         self.transform = transform
         self.skip_bad_inputs = skip_bad_inputs
+        self.skipped = SkipLog()
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Any:
         if SKIPPED_KEY in data:
@@ -125,7 +125,9 @@ class GuardedTransform(Transform):
                 bad = BadInputError(source, f"{type(root).__name__}: {root}")
             if not self.skip_bad_inputs:
                 raise BadInputError(bad.path, bad.problem) from err
-            logger.warning("skipping bad input %s", bad)
+            if bad.path not in {name for name, _ in self.skipped.skipped}:
+                self.skipped.add(bad.path, bad.problem)
+                logger.warning("%d bad input(s) skipped so far in this process", len(self.skipped))
             return {SKIPPED_KEY: str(bad), "index": data.get("index", -1), "source": source}
 
 
@@ -193,8 +195,7 @@ def build_pretrain_transforms(
     skip_bad_inputs: bool = False,
     seed: int = 0,
 ) -> tuple[Compose, Compose]:
-    """Build the ``(deterministic, random)`` pipelines; see :func:`build_pretrain_dataset` for the
-    arguments."""
+    """Build the ``(deterministic, random)`` pipelines (arguments: see :func:`build_pretrain_dataset`)."""
     deterministic: list[Transform] = [LoadSSLImaged("image", reader=reader, max_voxels=max_voxels)]
     if axcodes:
         deterministic.append(
@@ -257,8 +258,7 @@ def build_pretrain_dataset(
 
     Returns:
         A MONAI ``Dataset``, ``CacheDataset`` or ``PersistentDataset``; ``dataset.data[i]["dims"]`` tells
-        volumes
-        from images (the batch sampler uses it) and ``"index"`` is the position in the datalist.
+        volumes from images (the batch sampler uses it) and ``"index"`` is the position in the datalist.
     """
     entries = load_datalist(datalist) if isinstance(datalist, (str, os.PathLike)) else list(datalist)
     data = []

@@ -11,8 +11,7 @@ One layout comes out whatever the file format and reader:
 Normalisations (each pinned on a real file in the tests):
 
 - MONAI readers return 2D pictures as ``(columns, rows)`` (PIL and pydicom with ``swap_ij``): transposed back;
-- the ITK reader returns a single 2D DICOM as 3D with a singleton axis: singleton axes of 2D items are
-squeezed;
+- the ITK reader returns a single 2D DICOM as 3D with a singleton axis: 2D items are squeezed;
 - ``PydicomReader`` leaves ``MONOCHROME1`` images (many X-rays) inverted, bone dark: they are inverted so that
   bright means dense, as for ``MONOCHROME2`` and for the ITK/GDCM reader;
 - RGB(A) pictures are averaged to one grey channel.
@@ -141,8 +140,7 @@ def load_ssl_image(
     reader: str | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> torch.Tensor:
-    """Load one datalist ``image`` (a file, or a DICOM series as its ordered files) in the layout of this
-    module.
+    """Load one datalist ``image`` (a file, or a DICOM series as its ordered files) in this module's layout.
 
     Args:
         image: path of the file, or the files of one DICOM series in slice order.
@@ -154,8 +152,7 @@ def load_ssl_image(
 
     Raises:
         BadInputError: the file is missing, unreadable, truncated, too large, of the wrong dimensionality,
-        holds
-            NaN/Inf values or is constant. The message names the file.
+            holds NaN/Inf values or is constant. The message names the file.
     """
     if dims not in (2, 3):
         raise BadInputError(image, f"'dims' must be 2 or 3, got {dims!r}")

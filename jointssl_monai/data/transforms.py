@@ -2,9 +2,8 @@
 in-plane resizing.
 
 Layout after :class:`SliceSequenced`: a volume is ``(C, S, H, W)`` (slices first, as the slice encoder
-consumes
-them) with ``data["num_slices"]`` valid slices at the front and zero padding behind; a 2D image is ``(C, H,
-W)``.
+consumes them) with ``data["num_slices"]`` valid slices at the front and zero padding behind; a 2D image is
+``(C, H, W)``.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ from jointssl_monai.data.validation import BadInputError
 __all__ = ["SLICE_POLICIES", "ResizeInPlaned", "ScaleIntensityByModalityd", "SliceSequenced"]
 
 #: ``center``: centre crop (or zero-pad at the end) to S slices, as the authors' code does; ``random``: a
-#: random
-#: contiguous window of S slices; ``stride``: S slices at a uniform stride over the whole volume.
+#: random contiguous window of S slices; ``stride``: S slices at a uniform stride over the whole volume.
 SLICE_POLICIES = ("center", "random", "stride")
 
 
@@ -33,8 +31,7 @@ def _source(d: Mapping[Hashable, Any], key: Hashable) -> str:
 
 class ScaleIntensityByModalityd(MapTransform):
     """Scale intensities to ``[0, 1]`` by modality: CT by a fixed Hounsfield window, everything else (MR,
-    X-ray,
-    PNG...) by robust percentiles of the image itself, so that scanner-dependent MR/X-ray scales agree.
+    X-ray, PNG...) by robust percentiles of the image itself, so that scanner-dependent MR/X-ray scales agree.
 
     Args:
         keys: image keys.
@@ -88,14 +85,11 @@ class SliceSequenced(Randomizable, MapTransform):
     """Turn a volume ``(C, X, Y, Z)`` into a sequence of ``num_slices`` slices ``(C, S, H, W)``.
 
     The slices are taken along ``slice_axis`` (0, 1, 2, or ``"auto"``: the axis with the largest voxel
-    spacing,
-    i.e. the acquisition direction of anisotropic scans). The in-plane axes keep the 2D-image convention of
-    :mod:`jointssl_monai.data.io` (``H`` then ``W`` = the remaining axes in reverse order, so that an axial
-    slice
-    of an LPS-oriented CT shows exactly as its DICOM pixel array). The number of valid slices,
-    ``min(depth, num_slices)``, goes to ``data[num_slices_key]``; padded slices are zeros at the end. 2D
-    images
-    ``(C, H, W)`` pass through with ``num_slices = 1``.
+    spacing, i.e. the acquisition direction of anisotropic scans). The in-plane axes keep the 2D-image
+    convention of :mod:`jointssl_monai.data.io` (``H`` then ``W`` = the remaining axes in reverse order, so
+    that an axial slice of an LPS-oriented CT shows exactly as its DICOM pixel array). The number of valid
+    slices, ``min(depth, num_slices)``, goes to ``data[num_slices_key]``; padded slices are zeros at the end.
+    2D images ``(C, H, W)`` pass through with ``num_slices = 1``.
 
     This transform must run *before* the two views are made, so that slice ``i`` of both views is the same
     source slice.

@@ -2,8 +2,7 @@
 
 Header checks run *before* any pixel data is decoded, so that a file whose header claims an absurd size is
 refused without allocating it. Array checks run right after loading, so that NaN/Inf voxels, constant images
-or
-a wrong dimensionality never reach training silently.
+or a wrong dimensionality never reach training silently.
 """
 
 from __future__ import annotations
@@ -120,8 +119,7 @@ def check_nifti_header(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VO
 
 
 def check_itk_header(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[int, ...]:
-    """Read only the header of an ITK-readable file (MHA, NRRD, PNG, ...); return its spatial shape ``(x, y[,
-    z])``.
+    """Read only the header of an ITK-readable file (MHA, NRRD, PNG, ...); return its shape ``(x, y[, z])``.
 
     RGB(A) pictures are accepted (they are converted to grey levels when loaded); other multi-component pixels
     (vectors, complex numbers) are refused.

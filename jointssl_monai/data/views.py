@@ -2,10 +2,9 @@
 
 Volumes: every spatial transform acts **in-plane only** and identically on every slice (the slice sequence is
 fed to MONAI's 2D transforms with the slices as channels), and the slice selection happened before the views
-split (:class:`~jointssl_monai.data.transforms.SliceSequenced`). Hence slice position ``i`` of view ``s`` and
-of
-view ``t`` come from the same source slice, which the intra-level clustering relies on. Padded slices stay
-zero.
+split (:class:`~jointssl_monai.data.transforms.SliceSequenced`). Hence slice position ``i`` of view ``s``
+and of view ``t`` come from the same source slice, which the intra-level clustering relies on. Padded slices
+stay zero.
 
 As in the authors' code, each view of a volume gets *one* transform drawn from flip, affine, low resolution,
 noise, blur, bias field and gamma (``policy="one"``); ``policy="compose"`` applies each with probability
@@ -47,8 +46,7 @@ VOLUME_VIEW_TRANSFORMS = ("flip", "affine", "lowres", "noise", "blur", "bias", "
 
 
 def _plain(x: Any) -> torch.Tensor:
-    """A plain float tensor (MONAI transforms may return MetaTensors, which collate and networks don't
-    need)."""
+    """A plain float tensor (MONAI transforms may return MetaTensors; the batch needs no metadata)."""
     x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
     return x.float()
 

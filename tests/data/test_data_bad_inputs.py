@@ -167,3 +167,16 @@ def test_mixed_series_files_given_by_hand_are_refused(pydicom_ct_series, pydicom
     shutil.copy(pydicom_mr, tmp_path / "mr.dcm")
     with pytest.raises(BadInputError, match="mixed series"):
         load_ssl_image([*files, str(tmp_path / "mr.dcm")], dims=3)
+
+
+def test_a_batch_of_only_bad_items_is_empty_not_a_crash(tmp_path, good_volume):
+    bad = [CASES[c][0](tmp_path, good_volume) for c in ("nan", "missing")]
+    datalist = [{"image": str(p), "dims": 3, "modality": "MR"} for p in bad]
+    dataset = build_pretrain_dataset(datalist, num_slices=4, spatial_size=(8, 8), skip_bad_inputs=True)
+    (batch,) = list(build_pretrain_loader(dataset, volumes_per_batch=2, shuffle=False))
+    assert all(value is None for value in batch.values())
+    guard = dataset.transform.transforms[0]
+    assert [name.rsplit("/", 1)[1] for name, _ in guard.skipped.skipped] == [
+        "nan.nii.gz",
+        "does_not_exist.nii.gz",
+    ]

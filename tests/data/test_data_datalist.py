@@ -106,3 +106,14 @@ def test_instance_number_orders_when_positions_are_missing(pydicom_ct_series, tm
     (entry,), _ = build_datalist([tmp_path / "s"])
     got = [int(pydicom.dcmread(p).InstanceNumber) for p in entry["image"]]
     assert got == sorted(numbers) and np.all(np.diff(got) > 0)
+
+
+def test_cli_datalist_command(pydicom_ct_series, tmp_path, capsys):
+    from jointssl_monai.cli import JointSSLCommands
+
+    out = tmp_path / "out" / "datalist.json"
+    JointSSLCommands().datalist(str(pydicom_ct_series), output=str(out), modality_map={"*": "MR"})
+    (entry,) = json.loads(out.read_text())["training"]
+    assert entry["modality"] == "CT"  # the DICOM tag wins over the mapping for non-DICOM files
+    assert len(entry["image"]) == 5 and all(p.startswith("../") for p in entry["image"])
+    assert "found 1 volume(s) and 0 2D image(s)" in capsys.readouterr().out

@@ -173,3 +173,15 @@ def test_mixed_loader_with_caches_gives_identical_batches(
         for key in ("volume_views", "image_views"):
             for a, b in zip(results[cache][key], batch[key], strict=True):
                 torch.testing.assert_close(a, b)
+
+
+def test_optional_resampling_and_auto_slice_axis(colin_small):
+    # colin_small is 3 mm isotropic, 60 x 72 x 60: 6 mm spacing halves every axis
+    entry = [{"image": str(colin_small), "dims": 3, "modality": "MR"}]
+    native = build_pretrain_dataset(entry, num_slices=64, spatial_size=(16, 16))[0]
+    coarse = build_pretrain_dataset(entry, num_slices=64, spatial_size=(16, 16), pixdim=(6.0, 6.0, 6.0))[0]
+    assert (native["num_slices"], coarse["num_slices"]) == (60, 30)
+    # "auto" slices along the coarsest axis: 6 mm along y (72 -> 36 slices), 3 mm elsewhere
+    sliced = build_pretrain_dataset(entry, num_slices=64, spatial_size=(16, 16), pixdim=(3.0, 6.0, 3.0),
+                                    slice_axis="auto")[0]  # fmt: skip
+    assert sliced["num_slices"] == 36
