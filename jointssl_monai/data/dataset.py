@@ -15,6 +15,7 @@ turns into a marker that the collate function drops (and logs once).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
@@ -212,16 +213,14 @@ def build_pretrain_transforms(
         num_local=num_local_crops,
         local_size=local_size,
     )
-    random: list[Transform] = []
-    if slice_policy == "random":
-        random += [slicer, ResizeInPlaned("image", spatial_size, mode=in_plane_mode)]
-    else:
-        deterministic += [slicer, VolumeOnlyd(ResizeInPlaned("image", spatial_size, mode=in_plane_mode))]
+    # 2D images keep their full size here: their random resized crops bring them to spatial_size
+    to_slices = [slicer, VolumeOnlyd(ResizeInPlaned("image", spatial_size, mode=in_plane_mode))]
+    random: list[Transform] = to_slices if slice_policy == "random" else []
+    if slice_policy != "random":
+        deterministic += to_slices
     random.append(
         JointViewsd(VolumeViewsd("image", transforms=view_transforms, policy=view_policy), image_views)
     )
-    if slice_policy == "random":  # 2D images keep their full size for the random resized crops
-        random[1] = VolumeOnlyd(random[1])
     det = Compose([GuardedTransform(Compose(deterministic), skip_bad_inputs)])
     rnd = Compose([GuardedRandomTransform(Compose(random), skip_bad_inputs)])
     rnd.set_random_state(seed=seed)
@@ -283,14 +282,22 @@ def build_pretrain_dataset(
     raise ValueError(f"cache must be 'none', 'memory' or 'disk', got {cache!r}")
 
 
-def _worker_init(worker_id: int) -> None:
-    # Give each loader worker its own augmentation stream (MONAI transforms use numpy generators).
-    info = torch.utils.data.get_worker_info()
-    dataset = info.dataset
-    seed = info.seed % (2**32)
+def _augmentation_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p % 2**63 for p in parts]).generate_state(1)[0])
+
+
+def _reseed_transforms(dataset: Dataset, seed: int) -> None:
     transform = getattr(dataset, "transform", None)
-    if isinstance(transform, Randomizable) or hasattr(transform, "set_random_state"):
+    if hasattr(transform, "set_random_state"):
         transform.set_random_state(seed=seed)
+
+
+def _worker_init(worker_id: int, rank: int = 0) -> None:
+    # Each loader worker gets its own augmentation stream (MONAI transforms draw from numpy generators). The
+    # rank is mixed in because torch derives worker seeds from the main process's seed, which is often the
+    # same on every rank: without it, ranks would augment in lockstep.
+    info = torch.utils.data.get_worker_info()
+    _reseed_transforms(info.dataset, _augmentation_seed(info.seed, rank))
 
 
 def build_pretrain_loader(
@@ -316,12 +323,14 @@ def build_pretrain_loader(
         dims, volumes_per_batch, images_per_batch, shuffle=shuffle, seed=seed,
         num_replicas=num_replicas, rank=rank, drop_last=drop_last,
     )  # fmt: skip
+    if num_workers == 0 and sampler.num_replicas > 1:  # different augmentation streams on different ranks
+        _reseed_transforms(dataset, _augmentation_seed(seed, sampler.rank))
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=collate_joint_ssl,
         num_workers=num_workers,
-        worker_init_fn=_worker_init if num_workers else None,
+        worker_init_fn=functools.partial(_worker_init, rank=sampler.rank) if num_workers else None,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
     )
