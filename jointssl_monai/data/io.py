@@ -19,6 +19,7 @@ Normalisations (each pinned on a real file in the tests):
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -53,7 +54,8 @@ def _reader_for(path: str) -> str:
     if name.endswith(ITK_SUFFIXES):
         return "ITKReader"
     if name.endswith(PIL_SUFFIXES):
-        return "PILReader"
+        # Pillow is optional: ITK reads the same pictures (RGB ones as 3 components, averaged to grey later)
+        return "PILReader" if importlib.util.find_spec("PIL") is not None else "ITKReader"
     return "PydicomReader"
 
 

@@ -16,6 +16,10 @@ def test_png_comes_back_as_rows_by_columns(itk_pd_slice_png):
     got = load_ssl_image(itk_pd_slice_png, dims=2)
     assert got.shape == (1, 217, 181) == (1, *expected.shape)
     np.testing.assert_array_equal(got[0].numpy(), expected)
+    # ITK (the fallback without Pillow) reads this PNG as 3 RGB components: same grey picture
+    np.testing.assert_array_equal(
+        load_ssl_image(itk_pd_slice_png, dims=2, reader="ITKReader").numpy(), got.numpy()
+    )
 
 
 def test_dicom_slice_equals_rescaled_pixel_array(pydicom_ct):
