@@ -18,6 +18,7 @@ from jointssl_monai.data.dataset import (
     build_pretrain_transforms,
 )
 from jointssl_monai.data.io import LoadSSLImaged, load_ssl_image
+from jointssl_monai.data.sources import DEMO_SAMPLES, demo_datalist, pretrain_datalist
 from jointssl_monai.data.transforms import (
     SLICE_POLICIES,
     ResizeInPlaned,
@@ -29,6 +30,7 @@ from jointssl_monai.data.views import VOLUME_VIEW_TRANSFORMS, ImageViewsd, Volum
 
 __all__ = [
     "DEFAULT_MAX_VOXELS",
+    "DEMO_SAMPLES",
     "SKIPPED_KEY",
     "SLICE_POLICIES",
     "VOLUME_VIEW_TRANSFORMS",
@@ -51,9 +53,11 @@ __all__ = [
     "build_pretrain_loader",
     "build_pretrain_transforms",
     "collate_joint_ssl",
+    "demo_datalist",
     "load_datalist",
     "load_ssl_image",
     "order_dicom_series",
+    "pretrain_datalist",
     "validate_item",
     "write_datalist",
 ]
