@@ -24,6 +24,23 @@ class JointSSLCommands:
         found = available_samples()
         return {name: str(found.get(name, f"missing ({SAMPLES[name].source})")) for name in SAMPLES}
 
+    def datalist(
+        self,
+        *dirs: str,
+        output: str = "datalist.json",
+        modality_map: dict | None = None,
+        default_modality: str = "OT",
+        skip_bad_inputs: bool = False,
+        absolute_paths: bool = False,
+    ) -> None:
+        """Scan folders (NIfTI, DICOM series, MHA/NRRD, PNG) and write a MONAI datalist; print a summary."""
+        from jointssl_monai.data.datalist import build_datalist_command
+
+        build_datalist_command(
+            *dirs, output=output, modality_map=modality_map, default_modality=default_modality,
+            skip_bad_inputs=skip_bad_inputs, absolute_paths=absolute_paths,
+        )  # fmt: skip
+
 
 def main() -> None:
     """Entry point of the ``jointssl`` console script."""

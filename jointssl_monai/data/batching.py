@@ -1,0 +1,203 @@
+"""Mixed 2D/3D batches: a distributed-aware batch sampler and the collate function of the pretraining loader.
+
+The collate function returns exactly the keys of :data:`jointssl_monai.outputs.BATCH_KEYS`. Every item is
+checked *before* anything is stacked, so that a bad item gives an error naming its file instead of a shape
+error deep inside ``torch.stack``; items a guarded pipeline marked as skipped (``skip_bad_inputs``) are
+dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from jointssl_monai.data.validation import BadInputError
+from jointssl_monai.outputs import BATCH_KEYS
+
+__all__ = ["SKIPPED_KEY", "MixedBatchSampler", "collate_joint_ssl", "validate_item"]
+
+#: Key of the marker an item carries when a guarded pipeline skipped it (the value is the reason).
+SKIPPED_KEY = "skipped"
+
+logger = logging.getLogger(__name__)
+
+
+class MixedBatchSampler(Sampler[list[int]]):
+    """Batches that hold ``volumes_per_batch`` volumes and ``images_per_batch`` 2D images, as dataset indices.
+
+    Each epoch permutes the volume and the image indices (seeded by ``seed + epoch``, so every rank draws the
+    same permutation), gives every rank a disjoint, equally long share of each (``rank::num_replicas``, padded
+    by wrapping around so all ranks run the same number of steps), and cuts batches. The epoch lasts until the
+    longer stream is used up; the shorter one restarts with a fresh permutation (its items are then seen more
+    than once). Call :meth:`set_epoch` at every epoch, as with ``DistributedSampler``.
+
+    Args:
+        dims: ``dims`` (2 or 3) of every dataset item, in dataset order.
+        volumes_per_batch: volumes per batch and rank (0 for none).
+        images_per_batch: 2D images per batch and rank (0 for none).
+        shuffle: permute (``False``: dataset order, still sharded).
+        seed: base seed, shared by all ranks.
+        num_replicas: number of ranks; default: the torch.distributed world size, else 1.
+        rank: this rank; default: the torch.distributed rank, else 0.
+        drop_last: drop a last incomplete batch.
+    """
+
+    def __init__(
+        self,
+        dims: Sequence[int],
+        volumes_per_batch: int = 2,
+        images_per_batch: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = True,
+    ) -> None:
+        if num_replicas is None or rank is None:
+            dist = torch.distributed
+            initialised = dist.is_available() and dist.is_initialized()
+            num_replicas = (
+                num_replicas if num_replicas is not None else (dist.get_world_size() if initialised else 1)
+            )
+            rank = rank if rank is not None else (dist.get_rank() if initialised else 0)
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        dims = [int(v) for v in dims]
+        self.volumes = [i for i, v in enumerate(dims) if v == 3]
+        self.images = [i for i, v in enumerate(dims) if v == 2]
+        if len(self.volumes) + len(self.images) != len(dims):
+            raise ValueError("every 'dims' must be 2 or 3")
+        self.per_batch = {"volumes": volumes_per_batch if self.volumes else 0,
+                          "images": images_per_batch if self.images else 0}  # fmt: skip
+        if self.per_batch["volumes"] + self.per_batch["images"] <= 0:
+            raise ValueError(
+                f"empty batches: {len(self.volumes)} volume(s) with volumes_per_batch={volumes_per_batch}, "
+                f"{len(self.images)} image(s) with images_per_batch={images_per_batch}"
+            )
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _share(self, indices: list[int]) -> int:
+        return math.ceil(len(indices) / self.num_replicas)
+
+    def _num_batches(self, kind: str, indices: list[int]) -> float:
+        per = self.per_batch[kind]
+        if per == 0:
+            return 0
+        share = self._share(indices)
+        return share // per if self.drop_last else math.ceil(share / per)
+
+    def __len__(self) -> int:
+        return int(max(self._num_batches("volumes", self.volumes), self._num_batches("images", self.images)))
+
+    def _stream(self, indices: list[int], rng: np.random.Generator) -> Iterator[int]:
+        """This rank's share of ``indices``, repeated with fresh permutations forever."""
+        while True:
+            order = [indices[i] for i in rng.permutation(len(indices))] if self.shuffle else list(indices)
+            total = self._share(indices) * self.num_replicas
+            order = (order * (total // max(len(order), 1) + 1))[:total]  # wrap to equal shares
+            yield from order[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng(self.seed + self.epoch)
+        streams = {"volumes": self._stream(self.volumes, rng), "images": self._stream(self.images, rng)}
+        for _ in range(len(self)):
+            batch: list[int] = []
+            for kind in ("volumes", "images"):
+                if self.per_batch[kind]:
+                    batch += [next(streams[kind]) for _ in range(self.per_batch[kind])]
+            yield batch
+
+
+def validate_item(item: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Check one pipeline output before collation; raise :class:`BadInputError` naming its file.
+
+    Args:
+        item: the transformed dict (``views``, ``num_slices``, ``index``, ``dims``, ``source``).
+        expected: per kind (``"volume"``/``"image"``), the view shape the first item of the batch had.
+    """
+    source = item.get("source", f"dataset item {item.get('index', '?')}")
+    views = item.get("views")
+    if not isinstance(views, (list, tuple)) or len(views) < 2:
+        raise BadInputError(
+            source, "transformed item has no list of (at least 2) views; check the transforms"
+        )
+    if "index" not in item:
+        raise BadInputError(source, "transformed item has no dataset 'index'")
+    shape = tuple(views[0].shape)
+    kind = "volume" if len(shape) == 4 else "image" if len(shape) == 3 else None
+    if kind is None:
+        raise BadInputError(source, f"view of shape {shape}: expected (C, S, H, W) or (C, H, W)")
+    for v in views:
+        if tuple(v.shape) != shape:
+            raise BadInputError(source, f"views differ in shape: {shape} vs {tuple(v.shape)}")
+        if not torch.isfinite(v).all():
+            raise BadInputError(source, "a view holds NaN/Inf values after the transforms")
+    if expected and kind in expected and expected[kind] != shape:
+        raise BadInputError(
+            source,
+            f"{kind} views of shape {shape} do not match the batch's {expected[kind]}; set one spatial_size",
+        )
+    if kind == "volume" and not 1 <= int(item.get("num_slices", 0)) <= shape[1]:
+        raise BadInputError(source, f"num_slices={item.get('num_slices')} outside [1, {shape[1]}]")
+
+
+def collate_joint_ssl(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Collate transformed items into the :data:`~jointssl_monai.outputs.BATCH_KEYS` dict.
+
+    Volumes (views ``(C, S, H, W)``) and 2D images (views ``(C, H, W)``) are split by their view rank; absent
+    parts are ``None``. Items carrying :data:`SKIPPED_KEY` are dropped; when none is left, every value is
+    ``None`` (an empty batch the trainer should pass over).
+
+    Raises:
+        BadInputError: an item is malformed (the message names its file).
+    """
+    kept = [it for it in items if SKIPPED_KEY not in it]
+    if (
+        not kept
+    ):  # every item was a skipped bad input: an empty batch (all None), for the trainer to pass over
+        logger.warning(
+            "every item of a batch was skipped as bad input: %s", [it.get("source") for it in items]
+        )
+        return dict.fromkeys(BATCH_KEYS)
+    expected: dict[str, tuple[int, ...]] = {}
+    volumes, images = [], []
+    for it in kept:
+        validate_item(it, expected)
+        shape = tuple(it["views"][0].shape)
+        kind = "volume" if len(shape) == 4 else "image"
+        expected.setdefault(kind, shape)
+        (volumes if kind == "volume" else images).append(it)
+
+    def views(group: list[Mapping[str, Any]], key: str = "views") -> list[torch.Tensor] | None:
+        if not group:
+            return None
+        n = min(len(it[key]) for it in group)
+        return [torch.stack([it[key][v] for it in group]) for v in range(n)]
+
+    def index(group: list[Mapping[str, Any]]) -> torch.Tensor | None:
+        return torch.as_tensor([int(it["index"]) for it in group], dtype=torch.long) if group else None
+
+    local = None
+    if images and all(it.get("local_views") for it in images):
+        local = views(images, "local_views")
+    batch = {
+        "volume_views": views(volumes),
+        "num_slices": torch.as_tensor([int(it["num_slices"]) for it in volumes]) if volumes else None,
+        "volume_index": index(volumes),
+        "image_views": views(images),
+        "image_index": index(images),
+        "image_local_views": local,
+    }
+    assert tuple(batch) == BATCH_KEYS  # the contract with the networks and the trainer
+    return batch

@@ -1,0 +1,372 @@
+"""Build a MONAI datalist from folders of NIfTI, DICOM, MHA/NRRD and PNG files.
+
+The output is a MONAI (Decathlon-style) datalist::
+
+    {"training": [{"image": "ct/a.nii.gz", "dims": 3, "modality": "CT", "shape": [512, 512, 80]},
+                  {"image": ["series/1.dcm", "series/2.dcm", ...], "dims": 3, "modality": "CT", ...},
+                  {"image": "xray/b.png", "dims": 2, "modality": "OT", ...}]}
+
+Paths are relative to the folder of the datalist file (MONAI's ``load_decathlon_datalist`` resolves them with
+``base_dir``), so a dataset folder can be moved together with its datalist. A DICOM series is listed as its
+files in slice order, so a folder may hold several series. The result is deterministic: files are visited in
+sorted order and series are sorted by their first file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jointssl_monai.data.validation import (
+    DEFAULT_MAX_VOXELS,
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    PIL_SUFFIXES,
+    BadInputError,
+    SkipLog,
+    check_dicom_dataset,
+    check_image_header,
+)
+
+__all__ = [
+    "DatalistSummary",
+    "build_datalist",
+    "build_datalist_command",
+    "load_datalist",
+    "order_dicom_series",
+    "write_datalist",
+]
+
+logger = logging.getLogger(__name__)
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+#: Relative spacing deviation above which a DICOM series counts as having a missing slice.
+SPACING_TOLERANCE = 0.5
+
+
+@dataclass
+class DatalistSummary:
+    """What a scan found: counts, and every file that was skipped or ignored with the reason."""
+
+    volumes: int = 0
+    images: int = 0
+    modalities: dict[str, int] = field(default_factory=dict)
+    skipped: SkipLog = field(default_factory=SkipLog)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+
+    def count(self, entry: Mapping[str, Any]) -> None:
+        if entry["dims"] == 3:
+            self.volumes += 1
+        else:
+            self.images += 1
+        self.modalities[entry["modality"]] = self.modalities.get(entry["modality"], 0) + 1
+
+    def __str__(self) -> str:
+        mods = ", ".join(f"{k}: {v}" for k, v in sorted(self.modalities.items())) or "none"
+        lines = [f"found {self.volumes} volume(s) and {self.images} 2D image(s) (modalities: {mods})"]
+        if len(self.skipped):
+            lines.append(self.skipped.summary())
+        if self.ignored:
+            lines.append(f"{len(self.ignored)} file(s) ignored:")
+            lines += [f"  {name}: {reason}" for name, reason in self.ignored]
+        return "\n".join(lines)
+
+
+def _suffix_kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(ITK_SUFFIXES):
+        return "itk"
+    if name.endswith(PIL_SUFFIXES):
+        return "pil"
+    if name.endswith(DICOM_SUFFIXES):
+        return "dicom"
+    return "unknown"
+
+
+def _read_dicom(path: Path, max_voxels: int):
+    """Read a DICOM file's header and (undecoded) pixel bytes, and check it; ``None`` if not DICOM at all."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(str(path))
+    except InvalidDicomError:
+        return None
+    except Exception as err:  # truncated/corrupt files raise struct/EOF/value errors
+        raise BadInputError(path, f"unreadable DICOM file ({type(err).__name__}: {err})") from err
+    if "Rows" not in ds and "PixelData" not in ds:
+        return ds, 0  # not an image object: DICOMDIR, report, structure set, ...
+    frames, _, _ = check_dicom_dataset(ds, path, max_voxels)
+    return ds, frames
+
+
+def _dicom_normal(ds) -> np.ndarray | None:
+    iop = ds.get("ImageOrientationPatient")
+    if iop is None or len(iop) != 6:
+        return None
+    row, col = np.asarray(iop[:3], dtype=float), np.asarray(iop[3:], dtype=float)
+    normal = np.cross(row, col)
+    norm = np.linalg.norm(normal)
+    return normal / norm if norm > 0 else None
+
+
+def order_dicom_series(datasets: Sequence[tuple[Path, Any]]) -> list[Path]:
+    """Order the single-frame files of one series along the slice normal and check that the series is whole.
+
+    Slices are sorted by ``ImagePositionPatient`` projected on the normal of ``ImageOrientationPatient``; when
+    either tag is missing, by ``InstanceNumber``. Then every slice must share Rows/Columns and orientation, no
+    two slices may share a position, and the spacing must be regular (a gap means a missing slice).
+
+    Raises:
+        BadInputError: the series is mixed or incomplete; the message names the series and the problem.
+    """
+    paths = [p for p, _ in datasets]
+    sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in datasets}
+    if len(sizes) > 1:
+        raise BadInputError(paths, f"mixed series: slices have different Rows x Columns {sorted(sizes)}")
+    normals = [_dicom_normal(ds) for _, ds in datasets]
+    positions = [ds.get("ImagePositionPatient") for _, ds in datasets]
+    if all(n is not None for n in normals) and all(p is not None and len(p) == 3 for p in positions):
+        if any(not np.allclose(n, normals[0], atol=1e-3) for n in normals):
+            raise BadInputError(paths, "mixed series: slices have different ImageOrientationPatient")
+        keys = [float(np.dot(np.asarray(p, dtype=float), normals[0])) for p in positions]
+        order = sorted(range(len(paths)), key=lambda i: (keys[i], str(paths[i])))
+        sorted_keys = np.asarray([keys[i] for i in order])
+        gaps = np.diff(sorted_keys)
+        if np.any(np.abs(gaps) < 1e-4):
+            i = int(np.argmin(np.abs(gaps)))
+            raise BadInputError(
+                paths,
+                f"mixed series: {paths[order[i]].name} and {paths[order[i + 1]].name} share slice position "
+                f"{sorted_keys[i]:.3f}",
+            )
+        if len(gaps) > 1:
+            step = float(np.median(gaps))
+            irregular = np.abs(gaps - step) > SPACING_TOLERANCE * step
+            if irregular.any():
+                i = int(np.argmax(irregular))
+                raise BadInputError(
+                    paths,
+                    f"incomplete series: gap of {gaps[i]:.3f} mm after {paths[order[i]].name} where "
+                    f"slices are {step:.3f} mm apart (a slice is missing)",
+                )
+    else:
+        numbers = [ds.get("InstanceNumber") for _, ds in datasets]
+        if any(n is None for n in numbers):
+            raise BadInputError(
+                paths, "series without ImagePositionPatient nor InstanceNumber: cannot order it"
+            )
+        order = sorted(range(len(paths)), key=lambda i: (int(numbers[i]), str(paths[i])))
+        sorted_numbers = [int(numbers[i]) for i in order]
+        if len(set(sorted_numbers)) != len(sorted_numbers):
+            raise BadInputError(paths, "mixed series: repeated InstanceNumber")
+    return [paths[i] for i in order]
+
+
+def _modality_for(path: Path, root: Path, modality_map: Mapping[str, str] | None, default: str) -> str:
+    if modality_map:
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+        for pattern, modality in modality_map.items():
+            if fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(path.as_posix(), pattern):
+                return str(modality)
+    return default
+
+
+def _dims_from_shape(path: Path, shape: tuple[int, ...]) -> int:
+    spatial = list(shape)
+    while len(spatial) > 2 and spatial[-1] == 1:
+        spatial = spatial[:-1]
+    if len(spatial) == 2:
+        return 2
+    if len(spatial) == 3:
+        return 3
+    raise BadInputError(
+        path, f"wrong dimensionality: shape {tuple(shape)}, expected a 2D image or a 3D volume"
+    )
+
+
+def _walk(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, Path]]:
+    found: list[tuple[Path, Path]] = []
+    for item in paths:
+        root = Path(item)
+        if not root.exists():
+            raise BadInputError(root, "file or folder does not exist")
+        if root.is_file():
+            found.append((root, root.parent))
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            found += [(Path(dirpath) / name, root) for name in sorted(filenames) if not name.startswith(".")]
+    return found
+
+
+def build_datalist(
+    paths: Sequence[str | os.PathLike],
+    modality_map: Mapping[str, str] | None = None,
+    default_modality: str = "OT",
+    skip_bad_inputs: bool = False,
+    base_dir: str | os.PathLike | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    fields: Mapping[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], DatalistSummary]:
+    """Scan folders (or files) and return the datalist entries and a summary.
+
+    Args:
+        paths: folders to scan recursively, or single files.
+        modality_map: ``{pattern: modality}`` for files without a DICOM ``Modality`` tag; patterns are
+            ``fnmatch`` globs tried in order against the path relative to the scanned folder, then the full
+            path (e.g. ``{"ct/*": "CT", "*t1*": "MR"}``).
+        default_modality: modality of non-DICOM files that no pattern matches (``"OT"``, DICOM's "other").
+        skip_bad_inputs: skip broken files and series (each listed with its reason in the summary) instead of
+            raising :class:`BadInputError`.
+        base_dir: write paths relative to this folder (normally the datalist's folder); absolute if ``None``.
+        max_voxels: refuse headers that claim more values than this.
+        fields: extra fields copied into every entry.
+
+    Returns:
+        ``(entries, summary)``; each entry holds ``image`` (a path, or for a DICOM series its files in slice
+        order), ``dims`` (2 or 3), ``modality``, ``shape`` (as the header states it) and ``fields``.
+    """
+    summary = DatalistSummary()
+    entries: list[tuple[str, dict[str, Any]]] = []
+    series: dict[str, list[tuple[Path, Any]]] = {}
+    series_root: dict[str, Path] = {}
+
+    def fail(where, err: BadInputError) -> None:
+        if not skip_bad_inputs:
+            raise err
+        files = where if isinstance(where, (list, tuple)) else [where]
+        for f in files:
+            summary.skipped.add(f, err.problem)
+
+    def rel(path: Path) -> str:
+        if base_dir is None:
+            return str(path.absolute())
+        return os.path.relpath(path.absolute(), Path(base_dir).absolute())
+
+    def add(paths_: Path | list[Path], dims: int, modality: str, shape: Sequence[int]) -> None:
+        image: Any = [rel(p) for p in paths_] if isinstance(paths_, list) else rel(paths_)
+        entry = {"image": image, "dims": dims, "modality": modality, "shape": [int(s) for s in shape]}
+        entry.update(fields or {})
+        first = paths_[0] if isinstance(paths_, list) else paths_
+        entries.append((str(first), entry))
+        summary.count(entry)
+
+    for path, root in _walk(paths):
+        kind = _suffix_kind(path)
+        try:
+            if kind in ("dicom", "unknown"):
+                read = _read_dicom(path, max_voxels)
+                if read is None:
+                    if kind == "dicom":
+                        raise BadInputError(path, "not a valid DICOM file (no DICOM header found)")
+                    summary.ignored.append((str(path), "not a recognised image file"))
+                    continue
+                ds, frames = read
+                if frames == 0:
+                    summary.ignored.append(
+                        (str(path), "DICOM object without an image (DICOMDIR, report, ...)")
+                    )
+                    continue
+                uid = str(ds.get("SeriesInstanceUID", "")) or f"file:{path}"
+                if frames > 1:  # a multi-frame file is a volume on its own
+                    uid = f"{uid}:file:{path}"
+                series.setdefault(uid, []).append((path, ds))
+                series_root.setdefault(uid, root)
+                continue
+            shape = check_image_header(path, max_voxels)
+            dims = _dims_from_shape(path, shape)
+            add(path, dims, _modality_for(path, root, modality_map, default_modality), shape)
+        except BadInputError as err:
+            fail(path, err)
+
+    for uid, members in series.items():
+        try:
+            first_ds = members[0][1]
+            modality = str(first_ds.get("Modality", "")) or _modality_for(
+                members[0][0], series_root[uid], modality_map, default_modality
+            )
+            if len(members) == 1:
+                path, ds = members[0]
+                frames = int(ds.get("NumberOfFrames", 1) or 1)
+                shape = (int(ds.Columns), int(ds.Rows)) + ((frames,) if frames > 1 else ())
+                add(path, 3 if frames > 1 else 2, modality, shape)
+                continue
+            if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for _, ds in members):
+                raise BadInputError(
+                    [p for p, _ in members], "mixed series: multi-frame and single-frame files"
+                )
+            ordered = order_dicom_series(members)
+            add(ordered, 3, modality, (int(first_ds.Columns), int(first_ds.Rows), len(ordered)))
+        except BadInputError as err:
+            fail([p for p, _ in members], err)
+
+    entries.sort(key=lambda item: item[0])
+    return [entry for _, entry in entries], summary
+
+
+def write_datalist(
+    entries: Sequence[Mapping[str, Any]], output: str | os.PathLike, key: str = "training"
+) -> Path:
+    """Write entries as a MONAI datalist JSON ``{key: entries}`` (stable key order, for diffs)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({key: list(entries)}, indent=2, sort_keys=True) + "\n")
+    return output
+
+
+def load_datalist(path: str | os.PathLike, key: str = "training") -> list[dict[str, Any]]:
+    """Read a datalist, resolving relative ``image`` paths (files or DICOM file lists) against its folder."""
+    from monai.data import load_decathlon_datalist
+
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(path, "datalist file does not exist")
+    return load_decathlon_datalist(
+        str(path), is_segmentation=False, data_list_key=key, base_dir=str(path.parent)
+    )
+
+
+def build_datalist_command(
+    *dirs: str,
+    output: str = "datalist.json",
+    modality_map: Mapping[str, str] | None = None,
+    default_modality: str = "OT",
+    skip_bad_inputs: bool = False,
+    absolute_paths: bool = False,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    fields: Mapping[str, Any] | None = None,
+) -> str:
+    """Scan ``dirs`` for 2D images and 3D volumes and write a MONAI datalist to ``output``.
+
+    Prints and returns a summary listing every skipped or ignored file and why. See :func:`build_datalist`
+    for the arguments; paths in the file are relative to its folder unless ``absolute_paths``.
+    """
+    if not dirs:
+        raise ValueError("give at least one folder to scan")
+    base_dir = None if absolute_paths else Path(output).absolute().parent
+    entries, summary = build_datalist(
+        dirs,
+        modality_map=modality_map,
+        default_modality=default_modality,
+        skip_bad_inputs=skip_bad_inputs,
+        base_dir=base_dir,
+        max_voxels=max_voxels,
+        fields=fields,
+    )
+    if not entries:
+        raise BadInputError(list(dirs) if len(dirs) > 1 else dirs[0], "no usable image found")
+    path = write_datalist(entries, output)
+    text = f"{summary}\nwrote {len(entries)} entries to {path}"
+    print(text)
+    return text

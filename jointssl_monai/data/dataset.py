@@ -1,0 +1,336 @@
+"""Pretraining dataset and loader factories, callable from a bundle config by ``_target_``.
+
+The pipeline per datalist item ``{"image", "dims", "modality", ...}``:
+
+1. deterministic (cacheable): load (:class:`~jointssl_monai.data.io.LoadSSLImaged`), orientation and optional
+   resampling (volumes), intensity normalisation per modality, slice sequence (``center``/``stride``
+   policies), in-plane resize to ``H x W``;
+2. random (after the cache): slice sequence with the ``random`` policy, then the two views (volume or 2D).
+
+With ``cache="memory"`` (MONAI ``CacheDataset``) or ``cache="disk"`` (``PersistentDataset``) the first part is
+computed once per item. Both parts are wrapped by a guard: a bad input raises a
+:class:`~jointssl_monai.data.validation.BadInputError` naming the file, or, with ``skip_bad_inputs=True``,
+turns into a marker that the collate function drops (and logs once).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import Compose, Orientationd, Randomizable, Spacingd, Transform
+from torch.utils.data import DataLoader
+
+from jointssl_monai.data.batching import SKIPPED_KEY, MixedBatchSampler, collate_joint_ssl
+from jointssl_monai.data.datalist import load_datalist
+from jointssl_monai.data.io import LoadSSLImaged
+from jointssl_monai.data.transforms import ResizeInPlaned, ScaleIntensityByModalityd, SliceSequenced
+from jointssl_monai.data.validation import DEFAULT_MAX_VOXELS, BadInputError, SkipLog, describe_path
+from jointssl_monai.data.views import VOLUME_VIEW_TRANSFORMS, ImageViewsd, VolumeViewsd
+
+__all__ = [
+    "GuardedTransform",
+    "JointViewsd",
+    "SSLCacheDataset",
+    "SSLDataset",
+    "SSLPersistentDataset",
+    "VolumeOnlyd",
+    "build_pretrain_dataset",
+    "build_pretrain_loader",
+    "build_pretrain_transforms",
+    "find_bad_input",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def find_bad_input(err: BaseException | None) -> BadInputError | None:
+    """The :class:`BadInputError` inside ``err``'s cause chain (MONAI wraps every transform error in a
+    ``RuntimeError("applying transform ...")``), or ``None``."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, BadInputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class _UnwrapBadInput:
+    """Dataset mixin: re-raise a bad input as the plain :class:`BadInputError` naming the file, instead of
+    MONAI's generic ``RuntimeError("applying transform ...")``."""
+
+    def _transform(self, index: int):
+        try:
+            return super()._transform(index)
+        except RuntimeError as err:
+            bad = find_bad_input(err)
+            if bad is None:
+                raise
+            raise BadInputError(bad.path, bad.problem) from None
+
+    def _load_cache_item(self, idx: int):
+        try:
+            return super()._load_cache_item(idx)
+        except RuntimeError as err:
+            bad = find_bad_input(err)
+            if bad is None:
+                raise
+            raise BadInputError(bad.path, bad.problem) from None
+
+
+class SSLDataset(_UnwrapBadInput, Dataset):
+    """MONAI ``Dataset`` whose bad inputs raise :class:`BadInputError` (naming the file) directly."""
+
+
+class SSLCacheDataset(_UnwrapBadInput, CacheDataset):
+    """MONAI ``CacheDataset`` whose bad inputs raise :class:`BadInputError` (naming the file) directly."""
+
+
+class SSLPersistentDataset(_UnwrapBadInput, PersistentDataset):
+    """MONAI ``PersistentDataset`` whose bad inputs raise :class:`BadInputError` naming the file."""
+
+
+class GuardedTransform(Transform):
+    """Run a transform; turn any failure into a :class:`BadInputError` naming the item's file, or, with
+    ``skip_bad_inputs``, into a marker item ``{"skipped": reason, "index": ..., "source": ...}``.
+
+    Marker items pass through later guards untouched and are dropped by
+    :func:`~jointssl_monai.data.batching.collate_joint_ssl`. Each skipped input is logged once per process
+    (without a cache the same bad file is met again every epoch) and counted in :attr:`skipped`.
+    """
+
+    def __init__(self, transform: Transform, skip_bad_inputs: bool = False) -> None:
+        self.transform = transform
+        self.skip_bad_inputs = skip_bad_inputs
+        self.skipped = SkipLog()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Any:
+        if SKIPPED_KEY in data:
+            return data
+        source = data.get("source", describe_path(data.get("image")))
+        try:
+            return self.transform(data)
+        except Exception as err:
+            bad = find_bad_input(err)
+            if bad is None:  # an unexpected failure: report its root cause with the file name
+                root = err
+                while root.__cause__ is not None:
+                    root = root.__cause__
+                bad = BadInputError(source, f"{type(root).__name__}: {root}")
+            if not self.skip_bad_inputs:
+                raise BadInputError(bad.path, bad.problem) from err
+            if bad.path not in {name for name, _ in self.skipped.skipped}:
+                self.skipped.add(bad.path, bad.problem)
+                logger.warning("%d bad input(s) skipped so far in this process", len(self.skipped))
+            return {SKIPPED_KEY: str(bad), "index": data.get("index", -1), "source": source}
+
+
+class GuardedRandomTransform(GuardedTransform, Randomizable):
+    """:class:`GuardedTransform` around a random transform (so MONAI caches stop before it)."""
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        if isinstance(self.transform, Randomizable):
+            self.transform.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: Any) -> None:
+        pass
+
+
+class VolumeOnlyd(Transform):
+    """Apply a dictionary transform to volumes (``dims == 3``) only; 2D images pass through."""
+
+    def __init__(self, transform: Transform, dims_key: str = "dims") -> None:
+        self.transform = transform
+        self.dims_key = dims_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Any:
+        return self.transform(data) if int(data.get(self.dims_key, 3)) == 3 else data
+
+
+class JointViewsd(Randomizable, Transform):
+    """Dispatch to :class:`VolumeViewsd` for slice sequences ``(C, S, H, W)`` and :class:`ImageViewsd` for
+    2D images ``(C, H, W)``."""
+
+    def __init__(self, volume_views: VolumeViewsd, image_views: ImageViewsd, key: str = "image") -> None:
+        self.volume_views, self.image_views, self.key = volume_views, image_views, key
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        self.volume_views.set_random_state(state=self.R)
+        self.image_views.set_random_state(state=self.R)
+        return self
+
+    def randomize(self, data: Any) -> None:
+        pass
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Any:
+        return (self.volume_views if data[self.key].ndim == 4 else self.image_views)(data)
+
+
+def build_pretrain_transforms(
+    num_slices: int = 64,
+    spatial_size: Sequence[int] = (128, 128),
+    slice_policy: str = "center",
+    slice_axis: int | str = 2,
+    axcodes: str | None = "LPS",
+    pixdim: Sequence[float] | None = None,
+    ct_window: tuple[float, float] = (-1000.0, 1000.0),
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    in_plane_mode: str = "resize",
+    view_transforms: Sequence[str] = VOLUME_VIEW_TRANSFORMS,
+    view_policy: str = "one",
+    image_scale: tuple[float, float] = (0.14, 1.0),
+    num_local_crops: int = 0,
+    local_size: Sequence[int] = (48, 48),
+    reader: str | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    skip_bad_inputs: bool = False,
+    seed: int = 0,
+) -> tuple[Compose, Compose]:
+    """Build the ``(deterministic, random)`` pipelines (arguments: see :func:`build_pretrain_dataset`)."""
+    deterministic: list[Transform] = [LoadSSLImaged("image", reader=reader, max_voxels=max_voxels)]
+    if axcodes:
+        deterministic.append(
+            VolumeOnlyd(Orientationd("image", axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+        )
+    if pixdim is not None:
+        deterministic.append(VolumeOnlyd(Spacingd("image", pixdim=tuple(pixdim), mode="bilinear")))
+    deterministic.append(ScaleIntensityByModalityd("image", ct_window=ct_window, percentiles=percentiles))
+    slicer = SliceSequenced("image", num_slices=num_slices, policy=slice_policy, slice_axis=slice_axis)
+    image_views = ImageViewsd(
+        "image",
+        spatial_size=spatial_size,
+        scale=image_scale,
+        num_local=num_local_crops,
+        local_size=local_size,
+    )
+    # 2D images keep their full size here: their random resized crops bring them to spatial_size
+    to_slices = [slicer, VolumeOnlyd(ResizeInPlaned("image", spatial_size, mode=in_plane_mode))]
+    random: list[Transform] = to_slices if slice_policy == "random" else []
+    if slice_policy != "random":
+        deterministic += to_slices
+    random.append(
+        JointViewsd(VolumeViewsd("image", transforms=view_transforms, policy=view_policy), image_views)
+    )
+    det = Compose([GuardedTransform(Compose(deterministic), skip_bad_inputs)])
+    rnd = Compose([GuardedRandomTransform(Compose(random), skip_bad_inputs)])
+    rnd.set_random_state(seed=seed)
+    return det, rnd
+
+
+def build_pretrain_dataset(
+    datalist: str | os.PathLike | Sequence[Mapping[str, Any]],
+    num_slices: int = 64,
+    spatial_size: Sequence[int] = (128, 128),
+    cache: str = "none",
+    cache_dir: str | os.PathLike | None = None,
+    cache_num_workers: int = 0,
+    skip_bad_inputs: bool = False,
+    seed: int = 0,
+    **transform_kwargs: Any,
+) -> Dataset:
+    """The pretraining dataset: every datalist item becomes ``{"views": [s, t], "num_slices", "index", ...}``.
+
+    Args:
+        datalist: a datalist JSON file (see :mod:`jointssl_monai.data.datalist`) or its list of entries.
+        num_slices: slices per volume, ``S`` (authors: 64).
+        spatial_size: in-plane size ``(H, W)`` (authors: 128 x 128).
+        cache: ``"none"``, ``"memory"`` (``CacheDataset``) or ``"disk"`` (``PersistentDataset`` in
+            ``cache_dir``); only the deterministic part is cached, views stay random every epoch.
+        cache_dir: folder of the disk cache.
+        cache_num_workers: workers that fill the memory cache.
+        skip_bad_inputs: skip (log, and drop in collate) bad inputs instead of raising.
+        seed: seed of the random transforms (each loader worker offsets it).
+        transform_kwargs: passed to :func:`build_pretrain_transforms` (``slice_policy``, ``slice_axis``,
+            ``axcodes``, ``pixdim``, ``ct_window``, ``percentiles``, ``in_plane_mode``, ``view_transforms``,
+            ``view_policy``, ``image_scale``, ``num_local_crops``, ``local_size``, ``reader``,
+            ``max_voxels``).
+
+    Returns:
+        A MONAI ``Dataset``, ``CacheDataset`` or ``PersistentDataset``; ``dataset.data[i]["dims"]`` tells
+        volumes from images (the batch sampler uses it) and ``"index"`` is the position in the datalist.
+    """
+    entries = load_datalist(datalist) if isinstance(datalist, (str, os.PathLike)) else list(datalist)
+    data = []
+    for i, entry in enumerate(entries):
+        if "image" not in entry or "dims" not in entry:
+            raise BadInputError(f"datalist entry {i}", "needs 'image' and 'dims' fields")
+        data.append({**entry, "index": i, "modality": entry.get("modality", "OT")})
+    det, rnd = build_pretrain_transforms(
+        num_slices=num_slices, spatial_size=spatial_size, skip_bad_inputs=skip_bad_inputs, seed=seed,
+        **transform_kwargs,
+    )  # fmt: skip
+    transform = Compose([*det.transforms, *rnd.transforms])
+    transform.set_random_state(seed=seed)  # Compose() reseeds its children from MONAI's global seed
+    if cache == "none":
+        return SSLDataset(data, transform)
+    if cache == "memory":
+        return SSLCacheDataset(data, transform, num_workers=cache_num_workers, progress=False)
+    if cache == "disk":
+        if cache_dir is None:
+            raise ValueError("cache='disk' needs a cache_dir")
+        return SSLPersistentDataset(data, transform, cache_dir=str(cache_dir))
+    raise ValueError(f"cache must be 'none', 'memory' or 'disk', got {cache!r}")
+
+
+def _augmentation_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p % 2**63 for p in parts]).generate_state(1)[0])
+
+
+def _reseed_transforms(dataset: Dataset, seed: int) -> None:
+    transform = getattr(dataset, "transform", None)
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=seed)
+
+
+def _worker_init(worker_id: int, rank: int = 0) -> None:
+    # Each loader worker gets its own augmentation stream (MONAI transforms draw from numpy generators). The
+    # rank is mixed in because torch derives worker seeds from the main process's seed, which is often the
+    # same on every rank: without it, ranks would augment in lockstep.
+    info = torch.utils.data.get_worker_info()
+    _reseed_transforms(info.dataset, _augmentation_seed(info.seed, rank))
+
+
+def build_pretrain_loader(
+    dataset: Dataset,
+    volumes_per_batch: int = 2,
+    images_per_batch: int = 0,
+    num_workers: int = 0,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+    drop_last: bool = True,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+) -> DataLoader:
+    """A ``DataLoader`` over ``dataset`` with :class:`MixedBatchSampler` and :func:`collate_joint_ssl`.
+
+    ``num_replicas``/``rank`` default to the torch.distributed world, so every rank sees a disjoint share.
+    Call ``loader.batch_sampler.set_epoch(epoch)`` each epoch for a new, rank-consistent shuffle.
+    """
+    dims = [int(item["dims"]) for item in dataset.data]
+    sampler = MixedBatchSampler(
+        dims, volumes_per_batch, images_per_batch, shuffle=shuffle, seed=seed,
+        num_replicas=num_replicas, rank=rank, drop_last=drop_last,
+    )  # fmt: skip
+    if num_workers == 0 and sampler.num_replicas > 1:  # different augmentation streams on different ranks
+        _reseed_transforms(dataset, _augmentation_seed(seed, sampler.rank))
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_joint_ssl,
+        num_workers=num_workers,
+        worker_init_fn=functools.partial(_worker_init, rank=sampler.rank) if num_workers else None,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+    )

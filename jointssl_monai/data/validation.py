@@ -1,0 +1,206 @@
+"""Checks that refuse bad input early, with an error that names the file and the problem.
+
+Header checks run *before* any pixel data is decoded, so that a file whose header claims an absurd size is
+refused without allocating it. Array checks run right after loading, so that NaN/Inf voxels, constant images
+or a wrong dimensionality never reach training silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_MAX_VOXELS",
+    "BadInputError",
+    "SkipLog",
+    "check_dicom_dataset",
+    "check_image_header",
+    "check_nifti_header",
+    "check_voxel_values",
+    "describe_path",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Largest image (voxels times channels) the loader accepts: 2**30 float32 values are 4 GiB.
+DEFAULT_MAX_VOXELS = 2**30
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class BadInputError(ValueError):
+    """An input file cannot be used for training; ``path`` and ``problem`` say which and why."""
+
+    def __init__(self, path: str | os.PathLike | Sequence, problem: str) -> None:
+        self.path = describe_path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # keep the two arguments through pickling (DataLoader workers)
+        return (type(self), (self.path, self.problem))
+
+
+def describe_path(path: str | os.PathLike | Sequence | None) -> str:
+    """A short human-readable name for a file, a folder or an ordered list of DICOM files."""
+    if path is None:
+        return "<unknown input>"
+    if isinstance(path, (str, os.PathLike)):
+        return str(path)
+    paths = [str(p) for p in path]
+    if len(paths) == 1:
+        return paths[0]
+    folder = os.path.dirname(paths[0]) or "."
+    return f"DICOM series of {len(paths)} files in {folder} ({Path(paths[0]).name}, ...)"
+
+
+@dataclass
+class SkipLog:
+    """Bad inputs that were skipped (``skip_bad_inputs=True``) instead of stopping the run.
+
+    Attributes:
+        skipped: ``(file, reason)`` pairs in the order they were met.
+    """
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: str | os.PathLike | Sequence, reason: str) -> None:
+        name = describe_path(path)
+        self.skipped.append((name, reason))
+        logger.warning("skipping bad input %s: %s", name, reason)
+
+    def __len__(self) -> int:
+        return len(self.skipped)
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return "no input skipped"
+        lines = [f"{len(self.skipped)} input(s) skipped:"]
+        lines += [f"  {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def _check_shape(path: str, shape: Sequence[int], max_voxels: int, what: str) -> None:
+    shape = [int(s) for s in shape]
+    if not shape or any(s <= 0 for s in shape):
+        raise BadInputError(path, f"{what} claims an invalid size {tuple(shape)}")
+    total = int(np.prod(np.asarray(shape, dtype=np.float64)))
+    if total > max_voxels:
+        raise BadInputError(
+            path,
+            f"{what} claims {tuple(shape)} = {total:,} values, more than the limit of {max_voxels:,} "
+            "(refused before allocating; raise max_voxels if this is real)",
+        )
+
+
+def check_nifti_header(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[int, ...]:
+    """Read only the NIfTI/Analyze header and return the data shape; refuse absurd or invalid sizes.
+
+    Raises:
+        BadInputError: the header cannot be parsed or claims an absurd size.
+    """
+    import nibabel as nib
+
+    path = str(path)
+    try:
+        header = nib.load(path).header  # nibabel maps the header only; pixel data is read lazily
+        shape = tuple(int(s) for s in header.get_data_shape())
+    except Exception as err:  # nibabel raises several types for corrupt headers
+        raise BadInputError(path, f"unreadable NIfTI header ({type(err).__name__}: {err})") from err
+    _check_shape(path, shape, max_voxels, "NIfTI header")
+    return shape
+
+
+def check_itk_header(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[int, ...]:
+    """Read only the header of an ITK-readable file (MHA, NRRD, PNG, ...); return its shape ``(x, y[, z])``.
+
+    RGB(A) pictures are accepted (they are converted to grey levels when loaded); other multi-component pixels
+    (vectors, complex numbers) are refused.
+    """
+    import itk
+
+    path = str(path)
+    try:
+        io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
+        if io is None:
+            raise ValueError("no ITK image reader recognises this file")
+        io.SetFileName(path)
+        io.ReadImageInformation()
+        shape = tuple(int(io.GetDimensions(i)) for i in range(io.GetNumberOfDimensions()))
+        components = int(io.GetNumberOfComponents())
+        pixel = str(io.GetPixelTypeAsString(io.GetPixelType())).lower()
+    except Exception as err:
+        raise BadInputError(path, f"unreadable image header ({type(err).__name__}: {err})") from err
+    if components > 1 and pixel not in ("rgb", "rgba"):
+        raise BadInputError(
+            path, f"pixels with {components} components of type {pixel!r} (expected grey or RGB)"
+        )
+    _check_shape(path, (*shape, components), max_voxels, "image header")
+    return shape
+    _check_shape(path, shape, max_voxels, "image header")
+    return shape
+
+
+def check_dicom_dataset(ds, path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[int, ...]:
+    """Check a DICOM dataset (read with its pixel bytes, not decoded) and return ``(frames, rows, columns)``.
+
+    Refuses files without pixel data, sizes beyond ``max_voxels`` and, for uncompressed transfer syntaxes,
+    pixel data shorter than ``Rows x Columns x frames x samples x bytes`` claims (a truncated file or a lying
+    header), all before ``pixel_array`` allocates anything.
+    """
+    path = str(path)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise BadInputError(
+            path, "DICOM file has no pixel data (not an image: e.g. a report or structure set)"
+        )
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise BadInputError(path, "DICOM file has pixel data but no valid Rows/Columns") from err
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    _check_shape(path, (frames, rows, cols, samples), max_voxels, "DICOM header")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if "PixelData" in ds and (syntax is None or not syntax.is_compressed):
+        expected = rows * cols * frames * samples * int(ds.get("BitsAllocated", 16)) // 8
+        actual = len(ds.PixelData)
+        if actual < expected:
+            raise BadInputError(
+                path,
+                f"DICOM pixel data holds {actual:,} bytes but Rows x Columns x frames x samples x bits "
+                f"({rows}x{cols}x{frames}x{samples}x{ds.get('BitsAllocated', 16)}) needs {expected:,} "
+                "(truncated file or wrong header)",
+            )
+    return frames, rows, cols
+
+
+def check_image_header(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[int, ...]:
+    """Header check for any non-DICOM file by suffix; return the shape the header claims."""
+    name = str(path).lower()
+    if not os.path.exists(path):
+        raise BadInputError(path, "file does not exist")
+    if name.endswith(NIFTI_SUFFIXES):
+        return check_nifti_header(path, max_voxels)
+    return check_itk_header(path, max_voxels)
+
+
+def check_voxel_values(array, path: str | os.PathLike | Sequence) -> None:
+    """Refuse arrays with NaN/Inf values or a single constant value (nothing to learn, and
+    intensity normalisation would divide by zero)."""
+    values = np.asarray(array)
+    if values.size == 0:
+        raise BadInputError(path, "image is empty")
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(values.size - finite.sum())
+        raise BadInputError(path, f"image holds {bad:,} NaN/Inf value(s) out of {values.size:,}")
+    low, high = float(values.min()), float(values.max())
+    if low == high:
+        raise BadInputError(path, f"image is constant (every value is {low:g})")

@@ -1,0 +1,119 @@
+"""Datalist building on the real offline images, including the multi-file DICOM series."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+
+from jointssl_monai.data import BadInputError, build_datalist, build_datalist_command, load_datalist
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory, pydicom_ct_series, itk_t1, itk_pd_slice_png, itk_pd_3slices_mha,
+                 itk_rat_lung_mha, pydicom_ct, nibabel_4d, nibabel_anatomical):  # fmt: skip
+    root = tmp_path_factory.mktemp("mixed")
+    shutil.copytree(pydicom_ct_series, root / "ct_series")
+    (root / "mr").mkdir()
+    for src in (itk_t1, nibabel_anatomical, nibabel_4d, itk_pd_3slices_mha):
+        shutil.copy(src, root / "mr" / src.name)
+    (root / "slices").mkdir()
+    for src in (itk_pd_slice_png, itk_rat_lung_mha, pydicom_ct):
+        shutil.copy(src, root / "slices" / src.name)
+    (root / "slices" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_finds_volumes_images_and_series(mixed_folder):
+    entries, summary = build_datalist([mixed_folder], modality_map={"mr/*": "MR"}, skip_bad_inputs=True,
+                                      base_dir=mixed_folder)  # fmt: skip
+    by_image = {e["image"] if isinstance(e["image"], str) else "series": e for e in entries}
+    assert by_image["mr/KmeansTest_T1UCharRaw.nii.gz"] | {} == {
+        "image": "mr/KmeansTest_T1UCharRaw.nii.gz", "dims": 3, "modality": "MR", "shape": [128, 128, 62]
+    }  # fmt: skip
+    assert by_image["mr/BrainProtonDensity3Slices.mha"]["dims"] == 3
+    assert by_image["slices/BrainProtonDensitySlice.png"]["dims"] == 2
+    assert by_image["slices/RatLungSlice1.mha"]["dims"] == 2
+    ct = by_image["slices/CT_small.dcm"]
+    assert (ct["dims"], ct["modality"], ct["shape"]) == (2, "CT", [128, 128])
+    # the 5-file CT series is one volume, ordered along the slice normal (ImagePositionPatient z ascending)
+    series = by_image["series"]
+    assert (series["dims"], series["modality"], series["shape"]) == (3, "CT", [16, 16, 5])
+    z = [float(pydicom.dcmread(mixed_folder / f).ImagePositionPatient[2]) for f in series["image"]]
+    assert z == sorted(z) and len(set(z)) == 5
+    # the 4D fMRI series is refused with its reason; the text file is ignored, not an error
+    skipped = summary.skipped.skipped
+    assert [(name.endswith("example4d.nii.gz"), "wrong dimensionality" in why) for name, why in skipped] == [
+        (True, True)
+    ]
+    assert any(name.endswith("notes.txt") for name, _ in summary.ignored)
+    assert (summary.volumes, summary.images) == (4, 3)
+
+
+def test_bad_input_stops_without_skip(mixed_folder):
+    with pytest.raises(BadInputError, match=r"example4d\.nii\.gz: wrong dimensionality"):
+        build_datalist([mixed_folder])
+
+
+def test_written_datalist_is_deterministic_relative_and_loads(mixed_folder, tmp_path, capsys):
+    out1, out2 = tmp_path / "a" / "datalist.json", tmp_path / "b" / "datalist.json"
+    text = build_datalist_command(str(mixed_folder), output=str(out1), skip_bad_inputs=True)
+    build_datalist_command(str(mixed_folder), output=str(out2), skip_bad_inputs=True)
+    assert "example4d.nii.gz" in text and "skipped" in capsys.readouterr().out
+    first, second = json.loads(out1.read_text()), json.loads(out2.read_text())
+    assert first == second  # same folder, same datalist, byte for byte
+    assert not any(str(e["image"]).startswith("/") for e in first["training"])
+    loaded = load_datalist(out1)
+    series = next(e for e in loaded if isinstance(e["image"], list))
+    assert all((mixed_folder / "ct_series").samefile(p.rsplit("/", 1)[0]) for p in series["image"])
+
+
+def _copy_series(src, dst):
+    shutil.copytree(src, dst)
+    return sorted(dst.iterdir(), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+
+
+def test_missing_slice_is_an_incomplete_series(pydicom_ct_series, tmp_path):
+    files = _copy_series(pydicom_ct_series, tmp_path / "s")
+    files[2].unlink()
+    with pytest.raises(BadInputError, match=r"incomplete series: gap of 5\.000 mm"):
+        build_datalist([tmp_path / "s"])
+    entries, summary = build_datalist([tmp_path / "s"], skip_bad_inputs=True)
+    assert entries == [] and len(summary.skipped) == 4  # every file of the series listed with the reason
+
+
+def test_different_rows_is_a_mixed_series(pydicom_ct_series, tmp_path):
+    files = _copy_series(pydicom_ct_series, tmp_path / "s")
+    ds = pydicom.dcmread(files[1])
+    ds.Rows, ds.Columns = 8, 32
+    ds.save_as(files[1])
+    with pytest.raises(BadInputError, match=r"mixed series: slices have different Rows x Columns"):
+        build_datalist([tmp_path / "s"])
+
+
+def test_instance_number_orders_when_positions_are_missing(pydicom_ct_series, tmp_path):
+    files = _copy_series(pydicom_ct_series, tmp_path / "s")
+    numbers = []
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        del ds.ImagePositionPatient
+        ds.InstanceNumber = 10 - i  # reverse of the spatial order
+        numbers.append(10 - i)
+        ds.save_as(f)
+    (entry,), _ = build_datalist([tmp_path / "s"])
+    got = [int(pydicom.dcmread(p).InstanceNumber) for p in entry["image"]]
+    assert got == sorted(numbers) and np.all(np.diff(got) > 0)
+
+
+def test_cli_datalist_command(pydicom_ct_series, tmp_path, capsys):
+    from jointssl_monai.cli import JointSSLCommands
+
+    out = tmp_path / "out" / "datalist.json"
+    JointSSLCommands().datalist(str(pydicom_ct_series), output=str(out), modality_map={"*": "MR"})
+    (entry,) = json.loads(out.read_text())["training"]
+    assert entry["modality"] == "CT"  # the DICOM tag wins over the mapping for non-DICOM files
+    assert len(entry["image"]) == 5 and all(p.startswith("../") for p in entry["image"])
+    assert "found 1 volume(s) and 0 2D image(s)" in capsys.readouterr().out

@@ -1,0 +1,187 @@
+"""Slice sequences, the two-view pairing contract, mixed batching and caching, on real volumes."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from monai.transforms import Orientation
+
+from jointssl_monai.data import (
+    BadInputError,
+    ImageViewsd,
+    MixedBatchSampler,
+    SliceSequenced,
+    VolumeViewsd,
+    build_pretrain_dataset,
+    build_pretrain_loader,
+    collate_joint_ssl,
+    load_ssl_image,
+)
+from jointssl_monai.outputs import BATCH_KEYS
+
+
+@pytest.fixture(scope="module")
+def colin_small(tmp_path_factory, colin27_t1):
+    """Colin27 T1 block-averaged to about 60^3, so the tests stay fast."""
+    img = nib.load(colin27_t1)
+    data = np.asarray(img.dataobj, dtype=np.float32)[:180, :216, :180]
+    data = data.reshape(60, 3, 72, 3, 60, 3).mean(axis=(1, 3, 5))
+    affine = img.affine.copy()
+    affine[:3, :3] *= 3
+    path = tmp_path_factory.mktemp("colin") / "colin27_small.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def _volume(depth: int) -> torch.Tensor:
+    # slice k holds the value k + 1 everywhere: the value identifies the source slice
+    return torch.arange(1, depth + 1, dtype=torch.float32).view(1, 1, 1, depth).expand(1, 6, 5, depth).clone()
+
+
+@pytest.mark.parametrize(
+    ("policy", "depth", "expected"),
+    [
+        ("center", 12, [3, 4, 5, 6, 7, 8, 9, 10]),  # centre crop, as the authors
+        ("stride", 15, [1, 3, 5, 7, 9, 11, 13, 15]),  # uniform stride over the whole volume
+        ("center", 5, [1, 2, 3, 4, 5, 0, 0, 0]),  # shorter volume: zero padding at the end
+    ],
+)
+def test_slice_policies(policy, depth, expected):
+    out = SliceSequenced("image", num_slices=8, policy=policy)({"image": _volume(depth)})
+    assert out["image"].shape == (1, 8, 5, 6)  # (C, S, H, W): H, W = the in-plane axes reversed
+    assert out["image"][0, :, 0, 0].tolist() == expected
+    assert out["num_slices"] == min(depth, 8)
+
+
+def test_random_policy_is_a_contiguous_window_that_moves():
+    t = SliceSequenced("image", num_slices=4, policy="random")
+    t.set_random_state(seed=1)
+    starts = set()
+    for _ in range(30):
+        picked = t({"image": _volume(20)})["image"][0, :, 0, 0]
+        assert torch.equal(torch.diff(picked), torch.ones(3))
+        starts.add(int(picked[0]))
+    assert len(starts) > 5 and min(starts) >= 1 and max(starts) <= 17
+
+
+def test_axial_slices_of_an_lps_ct_show_as_their_dicom_pixel_arrays(pydicom_ct_series):
+    files = sorted(
+        pydicom_ct_series.iterdir(), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2])
+    )
+    volume = Orientation(axcodes="LPS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(
+        load_ssl_image([str(f) for f in files], dims=3)
+    )
+    seq = SliceSequenced("image", num_slices=5)({"image": volume})["image"]
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        np.testing.assert_array_equal(seq[0, i].numpy(), ds.pixel_array + float(ds.RescaleIntercept))
+
+
+def test_slice_i_of_both_views_is_the_same_source_slice():
+    # slices of distinct brightness over a textured plane; views may flip/rotate/blur/noise/bias/gamma it,
+    # but every transform acts in-plane and identically on all slices, so the brightness order of slices
+    # (and the zero padding) must survive in both views.
+    rng = torch.Generator().manual_seed(0)
+    texture = 0.5 + 0.5 * torch.rand(1, 1, 32, 32, generator=rng)
+    levels = torch.linspace(0.2, 0.9, 6).view(1, 6, 1, 1)
+    image = torch.zeros(1, 8, 32, 32)
+    image[:, :6] = texture * levels
+    views = VolumeViewsd("image", policy="compose", prob=0.7)
+    views.set_random_state(seed=3)
+    for _ in range(25):
+        out = views({"image": image.clone(), "num_slices": 6})["views"]
+        assert len(out) == 2
+        for view in out:
+            assert view.shape == (1, 8, 32, 32)
+            assert torch.count_nonzero(view[:, 6:]) == 0
+            means = view[0, :6].mean(dim=(1, 2))
+            assert torch.all(torch.diff(means) > 0), means
+
+
+def test_image_views_are_reproducible_and_random(itk_pd_slice_png):
+    image = load_ssl_image(itk_pd_slice_png, dims=2) / 255.0
+    make = ImageViewsd("image", spatial_size=(32, 32), num_local=3, local_size=(16, 16))
+    make.set_random_state(seed=7)
+    first = make({"image": image})
+    make.set_random_state(seed=7)
+    again = make({"image": image})
+    assert [v.shape for v in first["views"]] == [(1, 32, 32)] * 2
+    assert [v.shape for v in first["local_views"]] == [(1, 16, 16)] * 3
+    assert all(torch.equal(a, b) for a, b in zip(first["views"], again["views"], strict=True))
+    assert not torch.equal(first["views"][0], first["views"][1])
+
+
+def test_sampler_mixes_in_ratio_and_shards_disjointly_per_epoch():
+    dims = [3] * 10 + [2] * 25
+    shards = [MixedBatchSampler(dims, 2, 3, seed=5, num_replicas=2, rank=r) for r in range(2)]
+    for epoch in (0, 1):
+        seen = []
+        for sampler in shards:
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            assert len(batches) == len(sampler) == 4  # 13 images per rank / 3 per batch, the longer stream
+            for b in batches:
+                assert [dims[i] for i in b] == [3, 3, 2, 2, 2]
+            seen.append(batches)
+        images = [[i for b in batches for i in b if dims[i] == 2] for batches in seen]
+        assert not set(images[0]) & set(images[1])  # disjoint shares
+    again = MixedBatchSampler(dims, 2, 3, seed=5, num_replicas=2, rank=0)
+    again.set_epoch(1)
+    assert list(again) == seen[0]  # deterministic given (seed, epoch)
+    shards[0].set_epoch(0)
+    assert list(shards[0]) != seen[0]  # and a new shuffle each epoch
+
+
+def test_collate_refuses_a_bad_item_by_name():
+    good = {"views": [torch.zeros(1, 4, 8, 8)] * 2, "num_slices": 4, "index": 0, "source": "a.nii.gz"}
+    odd = {"views": [torch.zeros(1, 4, 6, 6)] * 2, "num_slices": 4, "index": 1, "source": "b.nii.gz"}
+    nan = {"views": [torch.full((1, 8, 8), float("nan"))] * 2, "index": 2, "source": "c.png"}
+    with pytest.raises(BadInputError, match=r"b\.nii\.gz: volume views of shape"):
+        collate_joint_ssl([good, odd])
+    with pytest.raises(BadInputError, match=r"c\.png: a view holds NaN/Inf"):
+        collate_joint_ssl([good, nan])
+    batch = collate_joint_ssl([good])
+    assert tuple(batch) == BATCH_KEYS and batch["image_views"] is None and batch["num_slices"].tolist() == [4]
+
+
+def test_mixed_loader_with_caches_gives_identical_batches(
+    colin_small, itk_t1, itk_pd_slice_png, pydicom_ct, tmp_path
+):
+    datalist = [
+        {"image": str(colin_small), "dims": 3, "modality": "MR"},
+        {"image": str(itk_t1), "dims": 3, "modality": "MR"},
+        {"image": str(itk_pd_slice_png), "dims": 2, "modality": "MR"},
+        {"image": str(pydicom_ct), "dims": 2, "modality": "CT"},
+    ]
+    results = {}
+    for cache in ("none", "memory", "disk"):
+        dataset = build_pretrain_dataset(datalist, num_slices=8, spatial_size=(32, 32), cache=cache,
+                                         cache_dir=tmp_path / "cache", seed=11)  # fmt: skip
+        loader = build_pretrain_loader(dataset, volumes_per_batch=2, images_per_batch=2, shuffle=False)
+        (batch,) = list(loader)
+        results[cache] = batch
+    batch = results["none"]
+    assert batch["volume_index"].tolist() == [0, 1] and batch["image_index"].tolist() == [2, 3]
+    assert batch["num_slices"].tolist() == [8, 8]
+    assert [tuple(v.shape) for v in batch["volume_views"]] == [(2, 1, 8, 32, 32)] * 2
+    assert [tuple(v.shape) for v in batch["image_views"]] == [(2, 1, 32, 32)] * 2
+    assert all(torch.isfinite(v).all() and float(v.std()) > 0.01 for v in batch["volume_views"])
+    for cache in ("memory", "disk"):
+        for key in ("volume_views", "image_views"):
+            for a, b in zip(results[cache][key], batch[key], strict=True):
+                torch.testing.assert_close(a, b)
+
+
+def test_optional_resampling_and_auto_slice_axis(colin_small):
+    # colin_small is 3 mm isotropic, 60 x 72 x 60: 6 mm spacing halves every axis
+    entry = [{"image": str(colin_small), "dims": 3, "modality": "MR"}]
+    native = build_pretrain_dataset(entry, num_slices=64, spatial_size=(16, 16))[0]
+    coarse = build_pretrain_dataset(entry, num_slices=64, spatial_size=(16, 16), pixdim=(6.0, 6.0, 6.0))[0]
+    assert (native["num_slices"], coarse["num_slices"]) == (60, 30)
+    # "auto" slices along the coarsest axis: 6 mm along y (72 -> 36 slices), 3 mm elsewhere
+    sliced = build_pretrain_dataset(entry, num_slices=64, spatial_size=(16, 16), pixdim=(3.0, 6.0, 3.0),
+                                    slice_axis="auto")[0]  # fmt: skip
+    assert sliced["num_slices"] == 36
