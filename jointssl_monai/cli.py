@@ -5,6 +5,8 @@ Run ``jointssl --help`` for the list of sub-commands and ``jointssl COMMAND --he
 
 from __future__ import annotations
 
+import subprocess
+
 import fire
 
 from jointssl_monai import __version__
@@ -40,6 +42,32 @@ class JointSSLCommands:
             *dirs, output=output, modality_map=modality_map, default_modality=default_modality,
             skip_bad_inputs=skip_bad_inputs, absolute_paths=absolute_paths,
         )  # fmt: skip
+
+    def demo(
+        self, output_dir: str = "runs/demo", max_epochs: int | None = None, bundle_dir: str | None = None
+    ):
+        """Pretrain on a small real data set that ships with installed packages; print where the results are.
+
+        Runs ``python -m monai.bundle run training`` on ``bundle/configs/pretrain.json`` with a small model
+        (a few minutes on 2 CPU cores).
+        """
+        from jointssl_monai.workflows import run_demo
+
+        return run_demo(output_dir=output_dir, bundle_dir=bundle_dir, max_epochs=max_epochs)
+
+    def pretrain(
+        self, *config_files: str, tracking: str | None = None, bundle_dir: str | None = None, **overrides
+    ):
+        """Run bundle pretraining: ``jointssl pretrain [extra.json ...] --datalist d.json --max_epochs 10``.
+
+        The configs are ``bundle/configs/pretrain.json`` followed by any extra config files (for example
+        ``stage_a_2d.json``); keyword options override config ids. ``--tracking mlflow`` records to MLflow.
+        """
+        from jointssl_monai.workflows import find_bundle_dir, pretrain_command
+
+        base = find_bundle_dir(bundle_dir) / "configs" / "pretrain.json"
+        command = pretrain_command([base, *config_files], overrides, tracking=tracking)
+        subprocess.run(command, check=True)
 
 
 def main() -> None:

@@ -3,6 +3,13 @@
 from jointssl_monai.handlers.cluster_health import ClusterHealthHandler
 from jointssl_monai.handlers.deepcluster import DeepClusterHandler
 from jointssl_monai.handlers.encoder_export import EncoderExportHandler
+from jointssl_monai.handlers.history import LossHistoryHandler
 from jointssl_monai.handlers.prototypes import PrototypeHandler
 
-__all__ = ["ClusterHealthHandler", "DeepClusterHandler", "EncoderExportHandler", "PrototypeHandler"]
+__all__ = [
+    "ClusterHealthHandler",
+    "DeepClusterHandler",
+    "EncoderExportHandler",
+    "LossHistoryHandler",
+    "PrototypeHandler",
+]
