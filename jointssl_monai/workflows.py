@@ -53,6 +53,15 @@ def find_bundle_dir(bundle_dir: str | os.PathLike | None = None) -> Path:
     return candidate
 
 
+def _cli_value(value: Any) -> str:
+    # MONAI's bundle CLI parses values with python-fire: Python literals, not JSON (``True``, not ``true``).
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, type(None))):
+        return str(value)
+    return json.dumps(value)
+
+
 def pretrain_command(
     config_files: Sequence[str | os.PathLike], overrides: dict[str, Any], tracking: str | None = None
 ) -> list[str]:
@@ -61,7 +70,7 @@ def pretrain_command(
     command = [sys.executable, "-m", "monai.bundle", "run", "training"]
     command += ["--config_file", files[0] if len(files) == 1 else json.dumps(files)]
     for key, value in overrides.items():
-        command += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        command += [f"--{key}", _cli_value(value)]
     if tracking:
         command += ["--tracking", tracking]
     return command

@@ -1,5 +1,6 @@
 """Ignite handlers for pretraining and fine-tuning."""
 
+from jointssl_monai.handlers.checkpoint import AtomicCheckpointSaver
 from jointssl_monai.handlers.cluster_health import ClusterHealthHandler
 from jointssl_monai.handlers.deepcluster import DeepClusterHandler
 from jointssl_monai.handlers.encoder_export import EncoderExportHandler
@@ -7,6 +8,7 @@ from jointssl_monai.handlers.history import LossHistoryHandler
 from jointssl_monai.handlers.prototypes import PrototypeHandler
 
 __all__ = [
+    "AtomicCheckpointSaver",
     "ClusterHealthHandler",
     "DeepClusterHandler",
     "EncoderExportHandler",

@@ -131,3 +131,25 @@ def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pt") -> st
         return (int(numbers[-1]) if numbers else -1, path.stat().st_mtime)
 
     return str(max(candidates, key=order))
+
+
+def load_network_checkpoint(network: torch.nn.Module, path: str | os.PathLike, key: str = "network") -> int:
+    """Initialise ``network`` from a pretraining checkpoint (its ``key`` entry, or a plain state dict).
+
+    Used to chain the stages of the authors' recipe (stage B starts from stage A's weights, and so on). Every
+    key must match: the stages share one network layout, so a mismatch means the wrong file.
+
+    Returns:
+        The number of tensors loaded.
+    """
+    state = safe_load(path)
+    if isinstance(state, dict) and isinstance(state.get(key), dict):
+        state = state[key]
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"checkpoint {path} holds no state dict under {key!r}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {path} does not fit this network: {err}") from err
+    return len(state)

@@ -1,0 +1,73 @@
+"""``python -m monai.bundle run training --config_file bundle/configs/pretrain.json`` on real images."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from monai.networks.nets import FlexibleUNet
+from monai.networks.utils import copy_model_state
+from pretrain_bundle_runs import CONFIGS, history, run_bundle, small_real_datalist
+
+pytestmark = pytest.mark.slow
+
+
+def test_joint_pretraining_on_real_images_learns_and_exports(tmp_path, itk_t1, pydicom_ct_series):
+    datalist = small_real_datalist(tmp_path)
+    run_bundle(tmp_path, datalist=str(datalist), max_epochs=6)
+
+    epochs = history(tmp_path)
+    assert [e["epoch"] for e in epochs] == list(range(1, 7))
+    for epoch in epochs:
+        for key in ("loss", "loss_intra", "loss_inter", "loss_mask"):
+            assert math.isfinite(epoch[key]), (key, epoch)
+    # The joint objective falls on real data: the last two epochs against the first two.
+    first = (epochs[0]["loss"] + epochs[1]["loss"]) / 2
+    last = (epochs[-1]["loss"] + epochs[-2]["loss"]) / 2
+    assert last < first - 0.05, [round(e["loss"], 3) for e in epochs]
+
+    ssl = tmp_path / "models" / "ssl"
+    card = json.loads((ssl / "encoder.json").read_text())
+    assert card["backbone"] == "resnet10" and card["epoch"] == 6 and card["datalist_entries"] == 10
+    encoder = torch.load(ssl / "encoder.pt", weights_only=True)
+    unet = FlexibleUNet(in_channels=1, out_channels=2, backbone="resnet10", spatial_dims=2)
+    _, updated, unchanged = copy_model_state(unet, encoder, dst_prefix="encoder.")
+    assert len(updated) == len(encoder) == len(unet.encoder.state_dict())
+    assert not [key for key in unchanged if key.startswith("encoder.")]
+    # Nothing lands in models/*.pt, where MONAI Label would offer it as a segmentation model.
+    assert not list((tmp_path / "models").glob("*.pt"))
+    assert (ssl / "checkpoints" / "checkpoint_final.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "stage, flags",
+    [
+        (
+            "stage_a_2d.json",
+            {"use_intra": True, "use_inter": False, "use_mask": False, "freeze_encoder": False},
+        ),
+        (
+            "stage_b_mask.json",
+            {"use_intra": False, "use_inter": False, "use_mask": True, "freeze_encoder": True},
+        ),
+        (
+            "stage_c_3d.json",
+            {"use_intra": False, "use_inter": True, "use_mask": False, "freeze_encoder": True},
+        ),
+    ],
+)
+def test_staged_recipe_overrides(stage, flags, tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "pretrain.json"), str(CONFIGS / stage)])
+    parser["datalist"] = [{"image": "unused.nii.gz", "dims": 3}]
+    parser["bundle_root"] = str(tmp_path)
+    for name, value in flags.items():
+        assert parser.get_parsed_content(name) == value, name
+    loss = parser.get_parsed_content("loss", instantiate=True)
+    assert (loss.intra_loss is not None) == flags["use_intra"]
+    assert (loss.inter_loss is not None) == flags["use_inter"]
+    assert parser.get_parsed_content("ssl_dir").endswith("/models/ssl/" + stage[:7])
