@@ -13,6 +13,7 @@ The masks are derived at run time into ``output_dir`` (never committed): the bun
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -40,7 +41,8 @@ def binary_mask_file(source: str | Path, output: str | Path) -> Path:
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1, 0)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp.nii.gz")  # atomic for concurrent ranks / processes
+    # a private temporary name, then an atomic rename: several ranks or processes may derive it at once
+    tmp = output.with_name(f".{os.getpid()}.{output.name}")
     nib.save(nib.Nifti1Image(mask, image.affine, header), str(tmp))
     tmp.replace(output)
     return output
