@@ -97,7 +97,8 @@ class PretrainedEncoderLoader:
         engine.add_event_handler(Events.STARTED, self)
 
     def _checkpoint_loaders(self, engine: Engine) -> list[CheckpointLoader]:
-        handlers = [h for h, *_ in engine._event_handlers.get(Events.STARTED, [])]
+        # Ignite has no public listing of an event's handlers; CheckpointLoader registers itself on STARTED
+        handlers = [h for h, *_ in getattr(engine, "_event_handlers", {}).get(Events.STARTED, [])]
         return [h for h in handlers if isinstance(h, CheckpointLoader) and Path(h.load_path).is_file()]
 
     def __call__(self, engine: Engine) -> None:
