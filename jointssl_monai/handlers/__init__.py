@@ -5,6 +5,7 @@ from jointssl_monai.handlers.cluster_health import ClusterHealthHandler
 from jointssl_monai.handlers.deepcluster import DeepClusterHandler
 from jointssl_monai.handlers.encoder_export import EncoderExportHandler
 from jointssl_monai.handlers.history import LossHistoryHandler
+from jointssl_monai.handlers.pretrained_encoder import PretrainedEncoderLoader
 from jointssl_monai.handlers.prototypes import PrototypeHandler
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "DeepClusterHandler",
     "EncoderExportHandler",
     "LossHistoryHandler",
+    "PretrainedEncoderLoader",
     "PrototypeHandler",
 ]
