@@ -24,12 +24,16 @@ from jointssl_monai.engines import JointSSLTrainer, build_optimizer
 from jointssl_monai.losses import JointSSLLoss
 from jointssl_monai.networks import JointSSLNet
 
+# "paper" is the authors' model: ResNet-50, 64 slices of 128x128, d_model 640, 4 layers.
 CONFIGS = {
-    # The authors' model: ResNet-50, 64 slices of 128x128, d_model 640, 4 layers; 1 volume and 2 images a step.
-    "paper": {"backbone": "resnet50", "d_model": 640, "num_layers": 4, "ff_dim": 720, "slices": 64, "size": 128,
-              "volumes": 1, "images": 2, "proj_hidden_dim": 2048, "prototypes": 3000},
-    "small": {"backbone": "resnet18", "d_model": 128, "num_layers": 2, "ff_dim": 256, "slices": 16, "size": 64,
-              "volumes": 2, "images": 2, "proj_hidden_dim": 256, "prototypes": 64},
+    "paper": {
+        "backbone": "resnet50", "d_model": 640, "num_layers": 4, "ff_dim": 720, "slices": 64, "size": 128,
+        "volumes": 1, "images": 2, "proj_hidden_dim": 2048, "prototypes": 3000,
+    },
+    "small": {
+        "backbone": "resnet18", "d_model": 128, "num_layers": 2, "ff_dim": 256, "slices": 16, "size": 64,
+        "volumes": 2, "images": 2, "proj_hidden_dim": 256, "prototypes": 64,
+    },
 }  # fmt: skip
 
 
