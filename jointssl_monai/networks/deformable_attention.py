@@ -181,13 +181,14 @@ class DeformableAttention1D(nn.Module):
         def gather(idx: torch.Tensor) -> torch.Tensor:
             return kv.gather(3, idx[None, ..., None].expand(2, -1, -1, -1, dh))
 
-        k, v = torch.lerp(gather(lo_i), gather(hi_i), frac[None]).unbind(0)  # (B, H, M, dh)
+        # lerp needs one dtype on CUDA: under autocast kv is half precision while positions stay float32
+        k, v = torch.lerp(gather(lo_i), gather(hi_i), frac[None].to(kv.dtype)).unbind(0)  # (B, H, M, dh)
 
         rel = torch.arange(s, device=x.device, dtype=x.dtype)[None, None, :, None] - pos[:, :, None, :]
         key_valid = torch.arange(num_points, device=x.device)[None] < (-(-lengths // f))[:, None]  # (B, M)
         bias = self.rel_pos_bias(rel).masked_fill(~key_valid[:, None, None, :], float("-inf"))
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
         )
         out = self.to_out(out.transpose(1, 2).reshape(b, s, h * dh))
         return (out, pos) if return_positions else out
