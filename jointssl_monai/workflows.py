@@ -30,7 +30,7 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "num_slices": 16,
     "spatial_size": [64, 64],
     "batch_size": 4,
-    "max_epochs": 12,
+    "max_epochs": 30,
     "warmup_epochs": 1,
     "freeze_prototypes_iterations": 6,
     "optimizer": "adamw",
