@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Events
 
-from jointssl_monai.engines import JointSSLTrainer, build_optimizer
+from jointssl_monai.engines import JointSSLTrainer, build_optimizer, iteration_output
 from jointssl_monai.losses import JointSSLLoss
 from jointssl_monai.networks import JointSSLNet
 
@@ -82,7 +82,7 @@ def run_case(cfg: dict, amp: str, device: torch.device, steps: int, warmup: int)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.run()
-    output = trainer.state.output
+    output = iteration_output(trainer)
     losses = {k: float(v) for k, v in output.items() if k == "loss" or k.startswith("loss_")}
     result = {
         "amp": amp,

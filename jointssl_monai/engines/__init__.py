@@ -7,13 +7,20 @@ from jointssl_monai.engines.optim import (
     warmup_cosine_lambda,
     warmup_cosine_scheduler,
 )
-from jointssl_monai.engines.trainer import JointSSLTrainer, NonFiniteLossError, prepare_ssl_batch, unwrap
+from jointssl_monai.engines.trainer import (
+    JointSSLTrainer,
+    NonFiniteLossError,
+    iteration_output,
+    prepare_ssl_batch,
+    unwrap,
+)
 
 __all__ = [
     "LARS",
     "JointSSLTrainer",
     "NonFiniteLossError",
     "build_optimizer",
+    "iteration_output",
     "parameter_groups",
     "prepare_ssl_batch",
     "unwrap",

@@ -6,7 +6,8 @@ One iteration: move the two-view mixed 2D/3D batch to the device, run
 scaler for fp16), clip gradients and step the optimiser. It fires MONAI's ``IterationEvents``
 (``FORWARD_COMPLETED``, ``LOSS_COMPLETED``, ``BACKWARD_COMPLETED``, ``MODEL_COMPLETED``) so that side effects
 live in handlers: SwAV's prototype freezing acts on ``BACKWARD_COMPLETED``, DeepCluster-v2's per-epoch
-clustering on ``EPOCH_STARTED``.
+clustering on ``EPOCH_STARTED``. ``engine.state.output`` is a one-item list holding the iteration's dict
+(see :func:`iteration_output`), MONAI's decollated convention.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 
 from jointssl_monai.outputs import JointSSLOutput
 
-__all__ = ["JointSSLTrainer", "NonFiniteLossError", "prepare_ssl_batch", "unwrap"]
+__all__ = ["JointSSLTrainer", "NonFiniteLossError", "iteration_output", "prepare_ssl_batch", "unwrap"]
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _STAT_SUFFIXES = ("_normalized_entropy", "_clusters_used", "_largest_share")
@@ -33,6 +34,18 @@ _STAT_SUFFIXES = ("_normalized_entropy", "_clusters_used", "_largest_share")
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the message names the iteration and the loss component."""
+
+
+def iteration_output(engine_or_output: Any) -> dict:
+    """The dict of one iteration's results (``loss``, ``loss_<component>``, diagnostics, ``output``).
+
+    The trainer stores it as a one-item list, MONAI's decollated convention, so that MONAI's
+    ``from_engine(["loss"], first=True)`` (the default of ``--tracking mlflow``) finds the loss.
+    """
+    output = getattr(getattr(engine_or_output, "state", None), "output", engine_or_output)
+    if isinstance(output, list) and output and isinstance(output[0], dict):
+        return output[0]
+    return output if isinstance(output, dict) else {}
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -206,7 +219,8 @@ class JointSSLTrainer(Trainer):
                 image_views=batch.get("image_views"),
                 image_local_views=batch.get("image_local_views"),
             )
-            engine.state.output = {"output": output}
+            result: dict = {"output": output}
+            engine.state.output = [result]
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             intra_keys, inter_keys = self.memory_keys(batch, output)
             losses = engine.loss_function(
@@ -216,11 +230,9 @@ class JointSSLTrainer(Trainer):
                 intra_prototypes=_prototype_weights(network, "intra_prototypes"),
                 inter_prototypes=_prototype_weights(network, "inter_prototypes"),
             )
-        engine.state.output.update(
-            {"loss": losses["loss"].detach(), "intra_keys": intra_keys, "inter_keys": inter_keys}
-        )
+        result.update({"loss": losses["loss"].detach(), "intra_keys": intra_keys, "inter_keys": inter_keys})
         # Components are detached tensors; collapse diagnostics are plain floats.
-        engine.state.output.update({k if k.endswith(_STAT_SUFFIXES) else f"loss_{k}": v
+        result.update({k if k.endswith(_STAT_SUFFIXES) else f"loss_{k}": v
                                     for k, v in losses.items() if k != "loss"})  # fmt: skip
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if not self._check_finite(engine, losses):
@@ -236,7 +248,7 @@ class JointSSLTrainer(Trainer):
             engine.scaler.unscale_(engine.optimizer)
         if self.grad_clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
-            engine.state.output["grad_norm"] = norm.detach()
+            result["grad_norm"] = norm.detach()
         if engine.scaler is not None:
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()

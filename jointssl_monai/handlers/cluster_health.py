@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from ignite.engine import Events
 
+from jointssl_monai.engines.trainer import iteration_output
+
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
@@ -55,7 +57,7 @@ class ClusterHealthHandler:
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
 
     def __call__(self, engine: Engine) -> None:
-        output = engine.state.output if isinstance(engine.state.output, dict) else {}
+        output = iteration_output(engine)
         for level in self.levels:
             stats = {name: output.get(f"{level}_{name}") for name in _STATS}
             if stats["largest_share"] is None:

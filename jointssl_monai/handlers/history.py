@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Events
 
+from jointssl_monai.engines.trainer import iteration_output
+
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
@@ -47,7 +49,7 @@ class LossHistoryHandler:
         self.count = 0
 
     def accumulate(self, engine: Engine) -> None:
-        output = engine.state.output if isinstance(engine.state.output, dict) else {}
+        output = iteration_output(engine)
         for key, value in output.items():
             if key == "loss" or key.startswith("loss_"):
                 self.sums[key] += float(value.detach()) if isinstance(value, torch.Tensor) else float(value)

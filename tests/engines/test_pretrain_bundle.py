@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import pytest
 import torch
 from monai.networks.nets import FlexibleUNet
 from monai.networks.utils import copy_model_state
-from pretrain_bundle_runs import CONFIGS, history, run_bundle, small_real_datalist
+from pretrain_bundle_runs import CONFIGS, bundle_command, history, run_bundle, small_real_datalist
 
 pytestmark = pytest.mark.slow
 
@@ -71,3 +72,20 @@ def test_staged_recipe_overrides(stage, flags, tmp_path):
     assert (loss.intra_loss is not None) == flags["use_intra"]
     assert (loss.inter_loss is not None) == flags["use_inter"]
     assert parser.get_parsed_content("ssl_dir").endswith("/models/ssl/" + stage[:7])
+
+
+def test_tracking_mlflow_records_the_losses(tmp_path, itk_t1):
+    mlflow = pytest.importorskip("mlflow")
+    datalist = small_real_datalist(tmp_path)
+    command = [*bundle_command(tmp_path, datalist=str(datalist), max_epochs=2), "--tracking", "mlflow"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    database = tmp_path / "runs" / "pretrain" / "mlruns.db"
+    mlflow.set_tracking_uri(f"sqlite:///{database}")
+    client = mlflow.MlflowClient()
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    losses = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    iterations = history(tmp_path)[-1]["iterations"] * 2
+    assert len(losses) == iterations and all(math.isfinite(m.value) for m in losses)
+    assert "intra_normalized_entropy" in runs[0].data.metrics
