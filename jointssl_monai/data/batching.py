@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -83,9 +83,13 @@ class MixedBatchSampler(Sampler[list[int]]):
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
+        self.epoch_callbacks: list[Callable[[int], None]] = []
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the epoch (it seeds the permutation) and call every ``epoch_callbacks`` entry with it."""
         self.epoch = epoch
+        for callback in self.epoch_callbacks:
+            callback(epoch)
 
     def _share(self, indices: list[int]) -> int:
         return math.ceil(len(indices) / self.num_replicas)

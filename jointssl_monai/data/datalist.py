@@ -33,6 +33,7 @@ from jointssl_monai.data.validation import (
     BadInputError,
     SkipLog,
     check_dicom_dataset,
+    check_file,
     check_image_header,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "build_datalist_command",
     "load_datalist",
     "order_dicom_series",
+    "validate_datalist",
     "write_datalist",
 ]
 
@@ -98,6 +100,7 @@ def _read_dicom(path: Path, max_voxels: int):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    check_file(path)
     try:
         ds = pydicom.dcmread(str(path))
     except InvalidDicomError:
@@ -325,15 +328,116 @@ def write_datalist(
     return output
 
 
-def load_datalist(path: str | os.PathLike, key: str = "training") -> list[dict[str, Any]]:
-    """Read a datalist, resolving relative ``image`` paths (files or DICOM file lists) against its folder."""
-    from monai.data import load_decathlon_datalist
+def _entry_problem(entry: Any) -> str | None:
+    """What is wrong with the types of one datalist entry (``None``: nothing)."""
+    if not isinstance(entry, Mapping):
+        return f"expected an object with 'image' and 'dims', got {type(entry).__name__} {entry!r:.60}"
+    for key in ("image", "dims"):
+        if key not in entry:
+            return f"missing key {key!r} (keys: {', '.join(map(str, entry)) or 'none'})"
+    image = entry["image"]
+    paths = image if isinstance(image, list) else [image]
+    if not paths or not all(isinstance(p, str) and p for p in paths):
+        return f"'image' must be a path or a list of paths, got {type(image).__name__} {image!r:.60}"
+    dims = entry["dims"]
+    if isinstance(dims, bool) or dims not in (2, 3):
+        return f"'dims' must be 2 or 3, got {dims!r}"
+    if "modality" in entry and not isinstance(entry["modality"], str):
+        return f"'modality' must be a string, got {type(entry['modality']).__name__} {entry['modality']!r}"
+    return None
 
+
+def validate_datalist(
+    entries: Sequence[Any],
+    source: str | os.PathLike = "the datalist",
+    base_dir: str | os.PathLike | None = None,
+    check_files: bool = False,
+    skip_bad_inputs: bool = False,
+) -> list[dict[str, Any]]:
+    """Check every entry's keys and types, resolve relative ``image`` paths and refuse duplicates.
+
+    Relative paths are joined to ``base_dir`` and normalised. Paths upward of it (``../images/x.nii.gz``)
+    are allowed, as in MONAI datalists: a datalist is configuration written by its user, and a dataset often
+    sits next to, not under, the folder of its lists. What does not exist is named, as written and resolved.
+
+    Args:
+        entries: the datalist entries.
+        source: name of the datalist in messages (its file).
+        base_dir: folder that relative paths are relative to (``None``: leave them as they are).
+        check_files: also refuse paths that are not non-empty files (missing, folders, link loops).
+        skip_bad_inputs: drop bad entries (logged and counted) instead of raising.
+
+    Raises:
+        BadInputError: naming ``source``, the entry number and the problem.
+    """
+    kept: list[dict[str, Any]] = []
+    skipped = SkipLog()
+    seen: dict[tuple[str, ...], int] = {}
+    for i, entry in enumerate(entries):
+        try:
+            problem = _entry_problem(entry)
+            if problem is not None:
+                raise BadInputError(source, f"entry {i}: {problem}")
+            entry = dict(entry)
+            paths = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+            if base_dir is not None:
+                paths = [os.path.normpath(os.path.join(base_dir, p)) for p in paths]
+            written_paths = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+            for written, path in zip(written_paths, paths, strict=True):
+                if check_files:
+                    try:
+                        check_file(path, what="image")
+                    except BadInputError as err:
+                        problem = err.problem.replace("image", f"image {path}", 1)
+                        problem += f" (written {written!r})" if written != path else ""
+                        raise BadInputError(source, f"entry {i}: {problem}") from None
+            key = tuple(paths)
+            if key in seen:
+                raise BadInputError(
+                    source, f"entry {i}: image {paths[0]} is listed again (entry {seen[key]})"
+                )
+            seen[key] = i
+            entry["image"] = paths if isinstance(entry["image"], list) else paths[0]
+            kept.append(entry)
+        except BadInputError as err:
+            if not skip_bad_inputs:
+                raise
+            skipped.add(err.path, err.problem)
+    if len(skipped):
+        logger.warning("%d datalist entr%s skipped:\n%s", len(skipped), "y" if len(skipped) == 1 else "ies",
+                       skipped.summary())  # fmt: skip
+    return kept
+
+
+def load_datalist(
+    path: str | os.PathLike, key: str = "training", skip_bad_inputs: bool = False
+) -> list[dict[str, Any]]:
+    """Read a datalist file ``{key: [entries]}``, check it and resolve relative ``image`` paths (files or
+    DICOM file lists) against its folder (see :func:`validate_datalist`).
+
+    Raises:
+        BadInputError: the file is missing, not JSON, not ``{key: [...]}``, or (unless ``skip_bad_inputs``)
+            an entry is malformed, duplicated or names a missing file; the message names the file and entry.
+    """
     path = Path(path)
-    if not path.exists():
-        raise BadInputError(path, "datalist file does not exist")
-    return load_decathlon_datalist(
-        str(path), is_segmentation=False, data_list_key=key, base_dir=str(path.parent)
+    check_file(path, what="datalist file")
+    try:
+        content = json.loads(path.read_text())
+    except UnicodeDecodeError as err:
+        raise BadInputError(path, f"datalist is not a text file ({err})") from None
+    except json.JSONDecodeError as err:
+        raise BadInputError(path, f"datalist is not valid JSON (line {err.lineno}, column {err.colno}: "
+                                  f"{err.msg})") from None  # fmt: skip
+    if not isinstance(content, dict):
+        raise BadInputError(
+            path, f"expected a JSON object with a {key!r} list, got a {type(content).__name__}"
+        )
+    if key not in content:
+        raise BadInputError(path, f"datalist has no {key!r} list (keys: {', '.join(content) or 'none'})")
+    if not isinstance(content[key], list):
+        raise BadInputError(path, f"{key!r} must be a list of entries, got {type(content[key]).__name__}")
+    return validate_datalist(
+        content[key], path, base_dir=path.absolute().parent, check_files=True, skip_bad_inputs=skip_bad_inputs
     )
 
 

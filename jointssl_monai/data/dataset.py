@@ -292,12 +292,23 @@ def _reseed_transforms(dataset: Dataset, seed: int) -> None:
         transform.set_random_state(seed=seed)
 
 
-def _worker_init(worker_id: int, rank: int = 0) -> None:
-    # Each loader worker gets its own augmentation stream (MONAI transforms draw from numpy generators). The
-    # rank is mixed in because torch derives worker seeds from the main process's seed, which is often the
-    # same on every rank: without it, ranks would augment in lockstep.
+def _worker_init(worker_id: int, sampler: MixedBatchSampler, seed: int = 0) -> None:
+    # Each loader worker gets its own augmentation stream (MONAI transforms draw from numpy generators),
+    # derived from (seed, epoch, rank, worker) only: the rank is mixed in so that ranks do not augment in
+    # lockstep, and nothing depends on torch's per-iterator base seed. Workers start when an epoch's iterator
+    # is created, after ``set_epoch``; persistent workers keep the stream of their first epoch.
     info = torch.utils.data.get_worker_info()
-    _reseed_transforms(info.dataset, _augmentation_seed(info.seed, rank))
+    _reseed_transforms(info.dataset, _augmentation_seed(seed, sampler.epoch, sampler.rank, worker_id + 1))
+
+
+def _reseed_for_epoch(epoch: int, dataset: Dataset, seed: int, rank: int) -> None:
+    """Reseed the random transforms (views, random slice windows) from ``(seed, epoch, rank)`` alone.
+
+    MONAI transforms keep their own NumPy ``RandomState`` (``Randomizable.R``), which no checkpoint holds.
+    Reseeding at every epoch start makes an epoch's augmentations a function of ``(seed, epoch, rank)``: a
+    run resumed from an epoch-end checkpoint replays the next epoch exactly as the uninterrupted run did.
+    """
+    _reseed_transforms(dataset, _augmentation_seed(seed, epoch, rank))
 
 
 def build_pretrain_loader(
@@ -316,21 +327,26 @@ def build_pretrain_loader(
     """A ``DataLoader`` over ``dataset`` with :class:`MixedBatchSampler` and :func:`collate_joint_ssl`.
 
     ``num_replicas``/``rank`` default to the torch.distributed world, so every rank sees a disjoint share.
-    Call ``loader.batch_sampler.set_epoch(epoch)`` each epoch for a new, rank-consistent shuffle.
+    Call ``loader.batch_sampler.set_epoch(epoch)`` each epoch (the trainer does) for a new, rank-consistent
+    shuffle; it also reseeds the random transforms from ``(seed, epoch, rank)`` (and the worker index), so an
+    epoch's batches and augmentations do not depend on what ran before it: resuming is exact.
     """
     dims = [int(item["dims"]) for item in dataset.data]
     sampler = MixedBatchSampler(
         dims, volumes_per_batch, images_per_batch, shuffle=shuffle, seed=seed,
         num_replicas=num_replicas, rank=rank, drop_last=drop_last,
     )  # fmt: skip
-    if num_workers == 0 and sampler.num_replicas > 1:  # different augmentation streams on different ranks
-        _reseed_transforms(dataset, _augmentation_seed(seed, sampler.rank))
+    if num_workers == 0:  # the transforms run in this process: reseed them at every set_epoch
+        sampler.epoch_callbacks.append(
+            functools.partial(_reseed_for_epoch, dataset=dataset, seed=seed, rank=sampler.rank)
+        )
+        _reseed_for_epoch(sampler.epoch, dataset, seed, sampler.rank)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=collate_joint_ssl,
         num_workers=num_workers,
-        worker_init_fn=functools.partial(_worker_init, rank=sampler.rank) if num_workers else None,
+        worker_init_fn=functools.partial(_worker_init, sampler=sampler, seed=seed) if num_workers else None,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
     )

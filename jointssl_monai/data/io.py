@@ -36,7 +36,9 @@ from jointssl_monai.data.validation import (
     NIFTI_SUFFIXES,
     PIL_SUFFIXES,
     BadInputError,
+    check_affine,
     check_dicom_dataset,
+    check_file,
     check_image_header,
     check_voxel_values,
     describe_path,
@@ -73,8 +75,7 @@ def _monai_read(path: str, reader: str) -> tuple[np.ndarray, dict]:
 def _read_dicom_header(path: str, max_voxels: int):
     import pydicom
 
-    if not os.path.exists(path):
-        raise BadInputError(path, "file does not exist")
+    check_file(path)
     try:
         ds = pydicom.dcmread(path)
     except Exception as err:
@@ -131,6 +132,8 @@ def _to_layout(array: np.ndarray, dims: int, source: str) -> np.ndarray:
         raise BadInputError(
             source, f"wrong dimensionality: read shape {array.shape}, the datalist says a {kind}"
         )
+    if dims == 2 and min(array.shape) < 2:
+        raise BadInputError(source, f"image of shape {array.shape} is too small (a single row or column)")
     if dims == 3 and min(array.shape) == 1:
         raise BadInputError(source, f"wrong dimensionality: volume of shape {array.shape} has a single slice")
     return array
@@ -185,6 +188,7 @@ def load_ssl_image(
     if dims == 2:
         # MONAI readers give (columns, rows); the rows x columns picture is its transpose.
         return torch.as_tensor(np.ascontiguousarray(array.T), dtype=torch.float32)[None]
+    check_affine(affine, image)
     return MetaTensor(torch.as_tensor(array, dtype=torch.float32)[None], affine=torch.as_tensor(affine))
 
 

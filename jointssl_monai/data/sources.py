@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jointssl_monai.data.datalist import build_datalist, load_datalist
+from jointssl_monai.data.datalist import build_datalist, load_datalist, validate_datalist
 from jointssl_monai.data.sample_data import SampleNotFoundError, find_sample
 from jointssl_monai.data.validation import BadInputError
 
@@ -67,8 +67,12 @@ def pretrain_datalist(
         BadInputError: nothing usable was found.
     """
     if datalist is not None:
-        entries = load_datalist(datalist) if isinstance(datalist, (str, os.PathLike)) else list(datalist)
-        source: Any = datalist if isinstance(datalist, (str, os.PathLike)) else "the given datalist"
+        if isinstance(datalist, (str, os.PathLike)):
+            entries = load_datalist(datalist, skip_bad_inputs=skip_bad_inputs)
+            source: Any = datalist
+        else:
+            source = "the given datalist"
+            entries = validate_datalist(datalist, source, skip_bad_inputs=skip_bad_inputs)
     elif dataset_dir is not None:
         folders = [dataset_dir] if isinstance(dataset_dir, (str, os.PathLike)) else list(dataset_dir)
         entries, summary = build_datalist(folders, skip_bad_inputs=skip_bad_inputs)

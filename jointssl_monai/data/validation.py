@@ -7,8 +7,10 @@ or a wrong dimensionality never reach training silently.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,9 @@ __all__ = [
     "DEFAULT_MAX_VOXELS",
     "BadInputError",
     "SkipLog",
+    "check_affine",
     "check_dicom_dataset",
+    "check_file",
     "check_image_header",
     "check_nifti_header",
     "check_voxel_values",
@@ -87,6 +91,77 @@ class SkipLog:
         return "\n".join(lines)
 
 
+def check_file(path: str | os.PathLike, what: str = "file") -> None:
+    """Refuse a path that is not a non-empty regular file, saying which of the usual reasons applies.
+
+    Raises:
+        BadInputError: the path is a broken symbolic link or a link loop, does not exist, is a folder, or is
+            empty (0 bytes).
+    """
+    name = str(path)
+    if os.path.islink(name) and not os.path.exists(name):
+        try:
+            os.stat(name)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise BadInputError(name, f"{what} is a symbolic link loop") from None
+        raise BadInputError(name, f"{what} is a broken symbolic link (to {os.readlink(name)})")
+    if not os.path.exists(name):
+        raise BadInputError(name, f"{what} does not exist")
+    if os.path.isdir(name):
+        raise BadInputError(
+            name,
+            f"{what} is a folder, not an image file (list a DICOM series as its files, or scan the folder "
+            "with 'jointssl datalist')",
+        )
+    if os.path.getsize(name) == 0:
+        raise BadInputError(name, f"{what} is an empty file (0 bytes)")
+
+
+def _check_data_file(path: str, data_file: str | None) -> None:
+    """A detached header (NRRD ``.nhdr``, MetaImage ``.mhd``, Analyze ``.hdr``) must name an existing file."""
+    if not data_file:
+        return
+    target = data_file if os.path.isabs(data_file) else os.path.join(os.path.dirname(path), data_file)
+    if not os.path.isfile(target):
+        raise BadInputError(path, f"data file {target} does not exist (the header points to it)")
+
+
+def _detached_data_file(path: str) -> str | None:
+    """The data file a detached header names (``None`` for single-file formats or data lists/patterns)."""
+    name = path.lower()
+    if name.endswith(".hdr"):
+        return path[: -len(".hdr")] + (".img" if path.endswith(".hdr") else ".IMG")
+    if not name.endswith((".nhdr", ".mhd")):
+        return None
+    pattern = (
+        r"^\s*data ?file\s*:\s*(.+?)\s*$"
+        if name.endswith(".nhdr")
+        else r"^\s*ElementDataFile\s*=\s*(.+?)\s*$"
+    )
+    with open(path, "rb") as f:
+        text = f.read(65536).decode("latin-1")
+    match = re.search(pattern, text, flags=re.MULTILINE | re.IGNORECASE)
+    if match is None:
+        return None
+    value = match.group(1)
+    if value.upper() in ("LOCAL", "LIST") or value.upper().startswith("LIST") or "%" in value or " " in value:
+        return None  # data inside the header, or a list/pattern of files: ITK checks those itself
+    return value
+
+
+def check_affine(affine, path: str | os.PathLike | Sequence) -> None:
+    """Refuse a volume whose voxel-to-world matrix is singular or not finite (e.g. zero voxel sizes):
+    orienting or resampling it would divide by zero or scramble the axes."""
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.isfinite(matrix).all() or abs(float(np.linalg.det(matrix))) < 1e-12:
+        raise BadInputError(
+            path,
+            "singular affine (zero or non-finite voxel size or direction: "
+            f"{np.round(matrix, 3).tolist()}); fix pixdim/sform/qform in the header",
+        )
+
+
 def _check_shape(path: str, shape: Sequence[int], max_voxels: int, what: str) -> None:
     shape = [int(s) for s in shape]
     if not shape or any(s <= 0 for s in shape):
@@ -109,12 +184,29 @@ def check_nifti_header(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VO
     import nibabel as nib
 
     path = str(path)
+    check_file(path)
+    if path.lower().endswith(".gz"):
+        with open(path, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                raise BadInputError(path, "named .gz but is not gzip-compressed (rename it without .gz?)")
+    _check_data_file(path, _detached_data_file(path))
     try:
-        header = nib.load(path).header  # nibabel maps the header only; pixel data is read lazily
+        image = nib.load(path)  # nibabel maps the header only; pixel data is read lazily
+        header = image.header
         shape = tuple(int(s) for s in header.get_data_shape())
+        dtype = np.dtype(header.get_data_dtype())
+        affine = image.affine
     except Exception as err:  # nibabel raises several types for corrupt headers
         raise BadInputError(path, f"unreadable NIfTI header ({type(err).__name__}: {err})") from err
+    if dtype.kind not in "biuf":
+        raise BadInputError(
+            path,
+            f"pixel type {dtype.name if dtype.fields is None else dtype} is not supported (expected "
+            "real-valued grey levels)",
+        )
     _check_shape(path, shape, max_voxels, "NIfTI header")
+    if len([s for s in shape if s > 1]) >= 3:
+        check_affine(affine, path)
     return shape
 
 
@@ -127,6 +219,8 @@ def check_itk_header(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXE
     import itk
 
     path = str(path)
+    check_file(path)
+    _check_data_file(path, _detached_data_file(path))
     try:
         io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
         if io is None:
@@ -143,8 +237,6 @@ def check_itk_header(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXE
             path, f"pixels with {components} components of type {pixel!r} (expected grey or RGB)"
         )
     _check_shape(path, (*shape, components), max_voxels, "image header")
-    return shape
-    _check_shape(path, shape, max_voxels, "image header")
     return shape
 
 
@@ -184,8 +276,7 @@ def check_dicom_dataset(ds, path: str | os.PathLike, max_voxels: int = DEFAULT_M
 def check_image_header(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[int, ...]:
     """Header check for any non-DICOM file by suffix; return the shape the header claims."""
     name = str(path).lower()
-    if not os.path.exists(path):
-        raise BadInputError(path, "file does not exist")
+    check_file(path)
     if name.endswith(NIFTI_SUFFIXES):
         return check_nifti_header(path, max_voxels)
     return check_itk_header(path, max_voxels)
