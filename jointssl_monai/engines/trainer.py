@@ -142,6 +142,7 @@ class JointSSLTrainer(Trainer):
         self.grad_clip_norm = grad_clip_norm
         self.nonfinite_policy = nonfinite_policy
         self.state.skipped_steps = 0
+        self.loader_epoch_length = self.state.epoch_length
         self._register_sampler_epoch()
         if train_handlers is not None:
             self._register_handlers(train_handlers)
@@ -164,7 +165,36 @@ class JointSSLTrainer(Trainer):
         # A gradient scaler only for fp16 on CUDA; bf16 keeps the float32 exponent range and needs none.
         use_scaler = self.amp_dtype is torch.float16 and self.state.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        # Registered last, so that it runs after a CheckpointLoader on STARTED.
+        if not self.has_event_handler(self._adapt_epoch_length, Events.STARTED):
+            self.add_event_handler(Events.STARTED, self._adapt_epoch_length)
         Workflow.run(self)  # not Trainer.run, which makes a CUDA scaler for every amp setting
+
+    def _adapt_epoch_length(self, engine: JointSSLTrainer) -> None:
+        """Continue at the same epoch after resuming a checkpoint written with another number of processes.
+
+        Each process runs ``len(loader)`` iterations an epoch, which depends on the world size; Ignite
+        restores the epoch length of the checkpoint. Checkpoints are taken at epoch ends, so the epoch count
+        carries over.
+        """
+        saved, current = engine.state.epoch_length, self.loader_epoch_length
+        if current is None or saved == current:
+            return
+        epoch, rest = divmod(engine.state.iteration, saved)
+        if rest:
+            raise ValueError(
+                f"cannot resume iteration {engine.state.iteration} (inside epoch {epoch + 1} of {saved} "
+                f"iterations) with {current} iterations an epoch: resume from an epoch-end checkpoint"
+            )
+        engine.logger.info(
+            f"resumed at the end of epoch {epoch}: {saved} iterations an epoch then, {current} now "
+            "(another number of processes or another data set size)"
+        )
+        engine.state.epoch_length, engine.state.iteration, engine.state.epoch = (
+            current,
+            epoch * current,
+            epoch,
+        )
 
     def memory_keys(
         self, batch: dict, output: JointSSLOutput

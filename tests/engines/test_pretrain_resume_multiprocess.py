@@ -87,3 +87,58 @@ def test_torchrun_two_processes_keep_prototypes_and_centroids_identical(tmp_path
     # Only rank 0 writes checkpoints, exports and the loss history.
     assert (tmp_path / "models" / "ssl" / "encoder.pt").is_file()
     assert len(history(tmp_path)) == 2
+
+
+def test_resume_with_two_processes_restores_the_deepcluster_bank(tmp_path, itk_t1):
+    """Pretrain one epoch in one process, then continue under torchrun with two (DeepCluster-v2 state is keyed
+    by dataset index, so it does not depend on the number of processes)."""
+    datalist = str(small_real_datalist(tmp_path))
+    run_bundle(tmp_path, datalist=datalist, max_epochs=1, **DEEPCLUSTER)
+    checkpoints = tmp_path / "models" / "ssl" / "checkpoints"
+    single = torch.load(latest_checkpoint(checkpoints), weights_only=True)
+
+    output = "@output_dir + '/rank' + str(dist.get_rank())"
+    state = "{k: v.clone() for k, v in @loss_function.state_dict().items()}"
+    extra = tmp_path / "dump_per_rank.json"
+    # Runs on STARTED after the CheckpointLoader: the state each rank resumes from.
+    on_start = f"lambda e: torch.save({state}, {output} + '_resumed.pt')"
+    extra.write_text(json.dumps({"run": [
+        "$@train#trainer.attach_handlers(@train#run_handlers)",
+        f"$@train#trainer.add_event_handler(jointssl_monai.engines.trainer.Events.STARTED, {on_start})",
+        "$@train#trainer.run()",
+        f"$torch.save({state}, {output} + '_final.pt')",
+    ]}))  # fmt: skip
+    command = bundle_command(
+        tmp_path, [CONFIGS / "multi_gpu_pretrain.json", extra], datalist=datalist, max_epochs=2, resume=True,
+        **DEEPCLUSTER,
+    )  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *command[1:],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+    runs = tmp_path / "runs" / "pretrain"
+    saved_loss = single["loss"]
+    for rank in (0, 1):
+        resumed = torch.load(runs / f"rank{rank}_resumed.pt", weights_only=True)
+        for key in ("intra_loss.bank", "intra_loss.written", "intra_loss.assignments", "inter_loss.bank",
+                    "inter_loss.assignments", "inter_loss.centroids_0"):  # fmt: skip
+            torch.testing.assert_close(
+                resumed[key], saved_loss[key], rtol=0, atol=0, msg=f"rank {rank} {key}"
+            )
+    final0 = torch.load(runs / "rank0_final.pt", weights_only=True)
+    final1 = torch.load(runs / "rank1_final.pt", weights_only=True)
+    for key, value in final0.items():
+        torch.testing.assert_close(value, final1[key], rtol=0, atol=0, msg=key)
+    assert int(final0["intra_loss.num_clusterings"]) == int(saved_loss["intra_loss.num_clusterings"]) + 1
+    # One epoch of one process, then one epoch of the two-process length.
+    final = torch.load(checkpoints / "checkpoint_final.pt", weights_only=True)["trainer"]
+    assert final["iteration"] == 2 * final["epoch_length"]
+    assert [e["epoch"] for e in history(tmp_path)] == [1, 2]
