@@ -69,6 +69,38 @@ class JointSSLCommands:
         command = pretrain_command([base, *config_files], overrides, tracking=tracking)
         subprocess.run(command, check=True)
 
+    def export(
+        self, checkpoint: str, output: str = "encoder_flexibleunet.pt", spatial_dims: int = 2,
+        in_channels: int = 1, backbone: str | None = None, inflate: str = "auto",
+    ) -> str:  # fmt: skip
+        """Write the slice encoder of a pretraining checkpoint as a ``FlexibleUNet`` encoder state dict.
+
+        ``spatial_dims=3`` inflates the 2D kernels to 3D; ``in_channels`` adapts the first convolution. The
+        file loads into ``FlexibleUNet(in_channels, out_channels, backbone, spatial_dims).encoder`` as is; a
+        JSON report of what was loaded is written beside it.
+        """
+        from jointssl_monai.workflows import export_encoder
+
+        report = export_encoder(checkpoint, output, spatial_dims, in_channels, backbone, inflate)
+        return report.summary()
+
+    def package(
+        self, bundle_dir: str = "bundle", output: str | None = None, name: str = "jointssl_brain_extraction"
+    ) -> dict:
+        """Zip the bundle like a model-zoo release (``<name>/configs/...``, deterministic) with its sha256."""
+        import hashlib
+
+        from jointssl_monai.utils.bundle_io import package_bundle
+
+        path = package_bundle(bundle_dir, output or f"{name}.zip", name)
+        return {"zip": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+    def fetch_bundle(self, url: str, bundle_dir: str, name: str, hash_val: str | None = None) -> str:
+        """Download a bundle zip (http(s):// or file://), check its hash and entries, extract it safely."""
+        from jointssl_monai.utils.bundle_io import fetch_bundle
+
+        return str(fetch_bundle(url, bundle_dir, name, hash_val=hash_val))
+
 
 def main() -> None:
     """Entry point of the ``jointssl`` console script."""

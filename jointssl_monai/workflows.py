@@ -13,7 +13,7 @@ from typing import Any
 
 from jointssl_monai.data.sources import demo_datalist
 
-__all__ = ["DEMO_OVERRIDES", "find_bundle_dir", "pretrain_command", "run_demo"]
+__all__ = ["DEMO_OVERRIDES", "export_encoder", "find_bundle_dir", "pretrain_command", "run_demo"]
 
 #: A small configuration of the paper's model that pretrains on the demo images in a few minutes on 2 CPU
 #: cores. Everything else (objectives, masking ratio, temperatures, Sinkhorn settings) keeps the defaults of
@@ -116,3 +116,43 @@ def run_demo(
         "tensorboard_logs": str(output / "runs" / "pretrain"),
         "loss_history": str(output / "runs" / "pretrain" / "history.json"),
     }
+
+
+def export_encoder(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    backbone: str | None = None,
+    inflate: str = "auto",
+):
+    """Load the pretrained slice encoder into a ``FlexibleUNet`` of the requested shape and save its encoder.
+
+    The backbone is read from the ``encoder.json`` card beside ``checkpoint`` or recognised from its keys
+    unless given. Returns the :class:`~jointssl_monai.transfer.EncoderLoadReport`; also written as JSON next
+    to ``output``.
+    """
+    from monai.networks.nets import FlexibleUNet
+
+    from jointssl_monai.transfer import guess_resnet_name, load_pretrained_encoder
+    from jointssl_monai.transfer.loading import extract_encoder_state
+    from jointssl_monai.utils.checkpoints import atomic_save, safe_load
+
+    if backbone is None:
+        card = Path(checkpoint).with_name("encoder.json")
+        if card.is_file():
+            backbone = json.loads(card.read_text()).get("backbone")
+    if backbone is None:
+        probe = FlexibleUNet(1, 2, backbone="resnet18", spatial_dims=2).encoder.state_dict()
+        state, _ = extract_encoder_state(safe_load(checkpoint), list(probe))
+        backbone = guess_resnet_name(state)
+    if backbone is None:
+        raise ValueError(f"cannot tell the backbone of {checkpoint}; pass --backbone")
+    unet = FlexibleUNet(in_channels, 2, backbone=backbone, spatial_dims=spatial_dims)
+    report = load_pretrained_encoder(unet, checkpoint, inflate=inflate)
+    path = atomic_save({k: v.detach().cpu() for k, v in unet.encoder.state_dict().items()}, output)
+    summary = {"source": str(checkpoint), "backbone": backbone, "spatial_dims": spatial_dims,
+               "in_channels": in_channels, "loaded": len(report.loaded), "missing": report.missing,
+               "skipped": report.skipped, "transformed": len(report.transformed)}  # fmt: skip
+    Path(path).with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    return report
