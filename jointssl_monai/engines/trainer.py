@@ -95,6 +95,8 @@ class JointSSLTrainer(Trainer):
         grad_clip_norm: clip the global gradient norm at this value (``None``: no clipping).
         non_blocking: non-blocking host-to-device copies.
         train_handlers: Ignite/MONAI handlers with an ``attach`` method.
+        lr_scheduler: the per-iteration learning-rate schedule, if any; only used to keep its position when
+            a checkpoint of another epoch length (another number of processes) is resumed.
         nonfinite_policy: ``"stop"`` raises :class:`NonFiniteLossError` (naming iteration and component)
             before the step, so the last checkpoint stays good; ``"skip"`` drops the step and counts it in
             ``engine.state.skipped_steps``.
@@ -115,6 +117,7 @@ class JointSSLTrainer(Trainer):
         non_blocking: bool = False,
         train_handlers: Sequence | None = None,
         nonfinite_policy: str = "stop",
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ) -> None:
         if amp not in ("none", *_AMP_DTYPES):
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
@@ -141,6 +144,7 @@ class JointSSLTrainer(Trainer):
         self.amp_dtype = _AMP_DTYPES.get(amp)
         self.grad_clip_norm = grad_clip_norm
         self.nonfinite_policy = nonfinite_policy
+        self.lr_scheduler = lr_scheduler
         self.state.skipped_steps = 0
         self.loader_epoch_length = self.state.epoch_length
         self._register_sampler_epoch()
@@ -195,6 +199,25 @@ class JointSSLTrainer(Trainer):
             epoch * current,
             epoch,
         )
+        if self.lr_scheduler is not None:
+            # A per-iteration schedule counts iterations too: move it to the same point in the new units (the
+            # optimiser already holds the learning rate of that point).
+            self.lr_scheduler.last_epoch = epoch * current
+
+    def _skip_empty_batch(self, engine: JointSSLTrainer) -> list[dict]:
+        # Every item of the batch was a skipped bad input (``skip_bad_inputs``). Other processes would wait
+        # in their collectives for this one, so a distributed run stops with a clear message instead.
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                f"iteration {engine.state.iteration}: every item of this process's batch was a skipped bad "
+                "input; with several processes, remove the bad files (see the skip log) or use larger batches"
+            )
+        engine.state.skipped_steps += 1
+        engine.logger.warning(
+            f"iteration {engine.state.iteration}: every item was a skipped bad input; no step"
+        )
+        engine.state.output = [{}]
+        return engine.state.output
 
     def memory_keys(
         self, batch: dict, output: JointSSLOutput
@@ -239,6 +262,8 @@ class JointSSLTrainer(Trainer):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        if batch.get("volume_views") is None and batch.get("image_views") is None:
+            return self._skip_empty_batch(engine)
         network = unwrap(engine.network)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)

@@ -78,18 +78,24 @@ class DeepClusterHandler:
             batch_sampler.set_epoch(0)
         for batchdata in loader:
             batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
-            with engine._autocast():
-                output = network(
-                    volume_views=batch.get("volume_views"),
-                    num_slices=batch.get("num_slices"),
-                    image_views=batch.get("image_views"),
-                    image_local_views=batch.get("image_local_views"),
-                )
-            intra_keys, inter_keys = engine.memory_keys(batch, output)
-            for level, keys in (("intra", intra_keys), ("inter", inter_keys)):
-                branch = getattr(output, level)
-                if level in self.levels and branch is not None and keys is not None:
-                    self.levels[level].update_memory(branch.embeddings, keys)
+            output = None
+            if batch.get("volume_views") is not None or batch.get("image_views") is not None:
+                with engine._autocast():
+                    output = network(
+                        volume_views=batch.get("volume_views"),
+                        num_slices=batch.get("num_slices"),
+                        image_views=batch.get("image_views"),
+                        image_local_views=batch.get("image_local_views"),
+                    )
+            keys = engine.memory_keys(batch, output) if output is not None else (None, None)
+            for level, level_keys in zip(("intra", "inter"), keys, strict=True):
+                if level not in self.levels:
+                    continue
+                branch = getattr(output, level, None) if output is not None else None
+                if branch is not None and level_keys is not None:
+                    self.levels[level].update_memory(branch.embeddings, level_keys)
+                else:  # a collective: take part with zero rows so that other processes do not wait
+                    self.levels[level].participate_without_rows()
         rows = {level: int(loss.written.sum()) for level, loss in self.levels.items()}
         self.logger.info(f"DeepCluster-v2 memory banks filled before training: {rows} rows")
 

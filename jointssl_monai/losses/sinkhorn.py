@@ -29,10 +29,13 @@ def sinkhorn_knopp(
     give on the concatenated batch.
 
     Numerics: computed outside autocast in float32 (float64 if ``scores`` is float64 or ``dtype`` says so).
-    Before ``exp``, each prototype's global maximum and then each sample's maximum are subtracted. Sinkhorn is
-    invariant to scaling the rows and columns of its kernel, so the solution is unchanged, but no entry
-    overflows and every prototype and every sample keeps an entry equal to 1, so none has zero mass even for
-    huge scores. Sums are also clamped to the smallest normal number: no inf or NaN can appear.
+    Before ``exp``, each prototype's global maximum and then each sample's maximum are subtracted, so no entry
+    overflows and every prototype and every sample keeps an entry equal to 1: none has zero mass even for
+    huge scores. Sums are also clamped to the smallest normal number: no inf or NaN can appear. The fixed
+    point of Sinkhorn is invariant to these shifts, and the prototype shift is cancelled exactly by the first
+    normalisation; the sample shift is not, so after SwAV's 3 iterations the codes can differ slightly from
+    SwAV's reference when some sample is no prototype's best match (about 1e-4 relative at 4096 x 3000, up
+    to 1 % on tiny 32 x 10 problems; the argmax agreed in every case we checked).
 
     Args:
         scores: ``(B, K)`` prototype scores of the local batch (``B`` may be 0 on some processes).

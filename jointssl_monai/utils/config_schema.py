@@ -63,6 +63,8 @@ PRETRAIN_SCHEMA: dict[str, Any] = {
         "num_layers": _integer(0),
         "ff_dim": _integer(1),
         "attention": _choice("deformable", "full"),
+        "intra_queue_length": _integer(0),
+        "inter_queue_length": _integer(0),
         "num_slices": _integer(1),
         "spatial_size": {
             "type": "array",
@@ -179,6 +181,16 @@ def validate_pretrain_config(config: Mapping[str, Any] | Any, source: str | None
     )
     if concrete and warmup > max_epochs:
         problems.append(f"warmup_epochs = {warmup!r}: must be <= max_epochs ({max_epochs!r})")
+    # SwAV's Sinkhorn on a single row returns uniform codes (1/K whatever the scores): the volume level needs
+    # two or more volumes per step, or a queue of past volume embeddings.
+    needed = ("inter_method", "batch_size", "image_fraction", "inter_queue_length")
+    if all(k in values and k not in by_key for k in needed) and values["inter_method"] == "swav":
+        volumes = max(1, round(values["batch_size"] * (1 - values["image_fraction"])))
+        if volumes < 2 and values["inter_queue_length"] == 0:
+            problems.append(
+                f"inter_method = 'swav' with {volumes} volume per step and inter_queue_length = 0: Sinkhorn "
+                "codes of a single row are uniform; use inter_queue_length > 0 or more volumes per step"
+            )
     weights = {k: values[k] for k in _LOSS_WEIGHTS if k in values and k not in by_key}
     if len(weights) == len(_LOSS_WEIGHTS) and not any(weights.values()):
         problems.append(f"{', '.join(f'{k} = {v!r}' for k, v in weights.items())}: must not all be zero")

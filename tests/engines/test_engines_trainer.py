@@ -118,3 +118,14 @@ def test_prototypes_frozen_then_trained_and_kept_normalised():
     for norm in norms:
         torch.testing.assert_close(norm, torch.ones(5))
     assert not torch.allclose(history[-1].norm(dim=1), torch.ones(5))
+
+
+def test_a_batch_of_only_skipped_inputs_is_passed_over():
+    net = tiny_net()
+    trainer = JointSSLTrainer(
+        device="cpu", max_epochs=1, train_data_loader=[batch(0), dict.fromkeys(batch(0)), batch(1)],
+        network=net, optimizer=build_optimizer(net, "sgd", lr=0.1), loss_function=JointSSLLoss(),
+        slices_per_sample=SLICES,
+    )  # fmt: skip
+    trainer.run()
+    assert trainer.state.iteration == 3 and trainer.state.skipped_steps == 1

@@ -139,6 +139,9 @@ def test_resume_with_two_processes_restores_the_deepcluster_bank(tmp_path, itk_t
         torch.testing.assert_close(value, final1[key], rtol=0, atol=0, msg=key)
     assert int(final0["intra_loss.num_clusterings"]) == int(saved_loss["intra_loss.num_clusterings"]) + 1
     # One epoch of one process, then one epoch of the two-process length.
-    final = torch.load(checkpoints / "checkpoint_final.pt", weights_only=True)["trainer"]
+    saved = torch.load(checkpoints / "checkpoint_final.pt", weights_only=True)
+    final = saved["trainer"]
     assert final["iteration"] == 2 * final["epoch_length"]
+    # The per-iteration schedule moved to the new units with the trainer.
+    assert saved["lr_scheduler"]["last_epoch"] == final["iteration"]
     assert [e["epoch"] for e in history(tmp_path)] == [1, 2]

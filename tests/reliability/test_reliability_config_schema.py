@@ -25,6 +25,8 @@ VALID = {
     "num_slices": 8,
     "spatial_size": [96, 96],
     "batch_size": 16,
+    "intra_queue_length": 0,
+    "inter_queue_length": 256,
     "image_fraction": 0.5,
     "intra_method": "swav",
     "inter_method": "deepcluster",
@@ -75,6 +77,16 @@ def test_valid_config_passes_as_dict_and_as_parser():
     validate_pretrain_config(ConfigParser(copy.deepcopy(VALID)))
     validate_pretrain_config({})  # absent ids are MONAI's to report where they are referenced
     validate_pretrain_config(_with(grad_clip_norm=1.0, intra_prototypes=[2], dataset_dir="/data", w_mask=0.5))
+
+
+def test_volume_level_swav_needs_two_volumes_or_a_queue():
+    one_volume = {"inter_method": "swav", "batch_size": 2, "image_fraction": 0.5}
+    with pytest.raises(ValueError, match="codes of a single row are uniform"):
+        validate_pretrain_config(_with(**one_volume, inter_queue_length=0))
+    validate_pretrain_config(_with(**one_volume, inter_queue_length=64))
+    validate_pretrain_config(
+        _with(inter_method="swav", batch_size=4, image_fraction=0.5, inter_queue_length=0)
+    )
 
 
 BAD = [
