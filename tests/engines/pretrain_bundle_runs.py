@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from jointssl_monai.data.sources import demo_datalist
@@ -67,4 +66,4 @@ def history(root: Path) -> list[dict]:
     return json.loads((root / "runs" / "pretrain" / "history.json").read_text())["epochs"]
 
 
-__all__ = ["CONFIGS", "TINY", "bundle_command", "history", "run_bundle", "small_real_datalist", "sys"]
+__all__ = ["CONFIGS", "TINY", "bundle_command", "history", "run_bundle", "small_real_datalist"]
