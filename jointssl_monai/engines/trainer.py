@@ -231,6 +231,18 @@ class JointSSLTrainer(Trainer):
         inter_keys = batch.get("volume_index") if output.inter is not None else None
         return intra_keys, inter_keys
 
+    def forward_batch(self, batch: dict) -> JointSSLOutput | None:
+        """The network output for a prepared batch, under the configured autocast (``None`` if empty)."""
+        if batch.get("volume_views") is None and batch.get("image_views") is None:
+            return None
+        with self._autocast():
+            return self.network(
+                volume_views=batch.get("volume_views"),
+                num_slices=batch.get("num_slices"),
+                image_views=batch.get("image_views"),
+                image_local_views=batch.get("image_local_views"),
+            )
+
     def _autocast(self):
         if self.amp_dtype is None:
             return torch.autocast(self.state.device.type, enabled=False)
@@ -268,12 +280,7 @@ class JointSSLTrainer(Trainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            output: JointSSLOutput = engine.network(
-                volume_views=batch.get("volume_views"),
-                num_slices=batch.get("num_slices"),
-                image_views=batch.get("image_views"),
-                image_local_views=batch.get("image_local_views"),
-            )
+            output = self.forward_batch(batch)
             result: dict = {"output": output}
             engine.state.output = [result]
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)

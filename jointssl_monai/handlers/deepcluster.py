@@ -70,23 +70,14 @@ class DeepClusterHandler:
         """One pass over the training data that stores every embedding in the empty banks."""
         if not self._empty_levels():
             return
-        network = engine.network
-        network.train()
+        engine.network.train()
         loader = engine.data_loader
         batch_sampler = getattr(loader, "batch_sampler", None)
         if batch_sampler is not None and hasattr(batch_sampler, "set_epoch"):
             batch_sampler.set_epoch(0)
         for batchdata in loader:
             batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
-            output = None
-            if batch.get("volume_views") is not None or batch.get("image_views") is not None:
-                with engine._autocast():
-                    output = network(
-                        volume_views=batch.get("volume_views"),
-                        num_slices=batch.get("num_slices"),
-                        image_views=batch.get("image_views"),
-                        image_local_views=batch.get("image_local_views"),
-                    )
+            output = engine.forward_batch(batch)
             keys = engine.memory_keys(batch, output) if output is not None else (None, None)
             for level, level_keys in zip(("intra", "inter"), keys, strict=True):
                 if level not in self.levels:

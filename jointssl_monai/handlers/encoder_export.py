@@ -55,6 +55,7 @@ class EncoderExportHandler:
         self.output_dir = Path(output_dir)
         self.epoch_interval = max(1, int(epoch_interval))
         self.card = dict(card or {})
+        self.exported_iteration = -1
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
@@ -64,6 +65,9 @@ class EncoderExportHandler:
     def __call__(self, engine: Engine) -> None:
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return
+        if engine.state.iteration == self.exported_iteration:  # the last epoch end, again at COMPLETED
+            return
+        self.exported_iteration = engine.state.iteration
         self.export(epoch=engine.state.epoch, iteration=engine.state.iteration)
 
     def export(self, epoch: int = 0, iteration: int = 0) -> Path:
