@@ -2,9 +2,10 @@
 
 The pipeline per datalist item ``{"image", "dims", "modality", ...}``:
 
-1. deterministic (cacheable): load (:class:`~jointssl_monai.data.io.LoadSSLImaged`), orientation and optional
-   resampling (volumes), intensity normalisation per modality, slice sequence (``center``/``stride``
-   policies), in-plane resize to ``H x W``;
+1. deterministic (cacheable): load (:class:`~jointssl_monai.data.io.LoadSSLImaged`), orientation (volumes, to
+   RAS by default like the fine-tuning configs ``train.json``/``inference.json``) and optional resampling
+   (volumes), intensity normalisation per modality, slice sequence (``center``/``stride`` policies), in-plane
+   resize to ``H x W``;
 2. random (after the cache): slice sequence with the ``random`` policy, then the two views (volume or 2D).
 
 With ``cache="memory"`` (MONAI ``CacheDataset``) or ``cache="disk"`` (``PersistentDataset``) the first part is
@@ -16,6 +17,9 @@ turns into a marker that the collate function drops (and logs once).
 from __future__ import annotations
 
 import functools
+import hashlib
+import inspect
+import json
 import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
@@ -48,6 +52,19 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Version of what the deterministic part outputs for given settings; part of the disk-cache names, so that a
+#: cache written by an older layout is never read back (2: MONAI's in-plane axis order, volumes in RAS).
+CACHE_LAYOUT_VERSION = 2
+#: Settings of :func:`build_pretrain_transforms` that only the random part (never cached) uses.
+_RANDOM_ONLY_SETTINGS = (
+    "view_transforms",
+    "view_policy",
+    "image_scale",
+    "num_local_crops",
+    "local_size",
+    "seed",
+)
 
 
 def find_bad_input(err: BaseException | None) -> BadInputError | None:
@@ -181,7 +198,7 @@ def build_pretrain_transforms(
     spatial_size: Sequence[int] = (128, 128),
     slice_policy: str = "center",
     slice_axis: int | str = 2,
-    axcodes: str | None = "LPS",
+    axcodes: str | None = "RAS",
     pixdim: Sequence[float] | None = None,
     ct_window: tuple[float, float] = (-1000.0, 1000.0),
     percentiles: tuple[float, float] = (0.5, 99.5),
@@ -243,17 +260,23 @@ def build_pretrain_dataset(
     Args:
         datalist: a datalist JSON file (see :mod:`jointssl_monai.data.datalist`) or its list of entries.
         num_slices: slices per volume, ``S`` (authors: 64).
-        spatial_size: in-plane size ``(H, W)`` (authors: 128 x 128).
+        spatial_size: in-plane size ``(H, W)`` in MONAI's axis order (``(X, Y)`` for axial slices, ``(columns,
+            rows)`` for 2D images; authors: 128 x 128).
         cache: ``"none"``, ``"memory"`` (``CacheDataset``) or ``"disk"`` (``PersistentDataset`` in
             ``cache_dir``); only the deterministic part is cached, views stay random every epoch.
-        cache_dir: folder of the disk cache.
+        cache_dir: folder of the disk cache. Its file names carry a digest of the deterministic settings (with
+            defaults) and :data:`CACHE_LAYOUT_VERSION`, so entries written under other settings or an older
+            layout (e.g. before the in-plane orientation change) are never read back.
         cache_num_workers: workers that fill the memory cache.
         skip_bad_inputs: skip (log, and drop in collate) bad inputs instead of raising.
         seed: seed of the random transforms (each loader worker offsets it).
         transform_kwargs: passed to :func:`build_pretrain_transforms` (``slice_policy``, ``slice_axis``,
             ``axcodes``, ``pixdim``, ``ct_window``, ``percentiles``, ``in_plane_mode``, ``view_transforms``,
             ``view_policy``, ``image_scale``, ``num_local_crops``, ``local_size``, ``reader``,
-            ``max_voxels``).
+            ``max_voxels``). ``axcodes`` (default ``"RAS"``, ``None``: keep the file's axes) orients volumes
+            before slicing; keep it equal to the ``Orientationd`` of the fine-tuning pipeline, so that the
+            slices the encoder learns from are the planes the fine-tuned network meets, in the same axis order
+            and direction.
 
     Returns:
         A MONAI ``Dataset``, ``CacheDataset`` or ``PersistentDataset``; ``dataset.data[i]["dims"]`` tells
@@ -278,8 +301,28 @@ def build_pretrain_dataset(
     if cache == "disk":
         if cache_dir is None:
             raise ValueError("cache='disk' needs a cache_dir")
-        return SSLPersistentDataset(data, transform, cache_dir=str(cache_dir))
+        settings = inspect.signature(build_pretrain_transforms).bind(
+            num_slices=num_slices,
+            spatial_size=spatial_size,
+            skip_bad_inputs=skip_bad_inputs,
+            **transform_kwargs,
+        )
+        settings.apply_defaults()  # a changed default (e.g. axcodes) changes the cache names too
+        cached = {k: v for k, v in settings.arguments.items() if k not in _RANDOM_ONLY_SETTINGS}
+        return SSLPersistentDataset(
+            data,
+            transform,
+            cache_dir=str(cache_dir),
+            hash_transform=functools.partial(_settings_hash, {"layout": CACHE_LAYOUT_VERSION, **cached}),
+        )
     raise ValueError(f"cache must be 'none', 'memory' or 'disk', got {cache!r}")
+
+
+def _settings_hash(settings: Mapping[str, Any], _transforms: Any = None) -> bytes:
+    """``hash_transform`` of the disk cache: a digest of the deterministic settings (MONAI's own would hash
+    only the transforms' class names), appended to every cache file name."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest().encode("utf-8")
 
 
 def _augmentation_seed(*parts: int) -> int:

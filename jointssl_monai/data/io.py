@@ -1,20 +1,28 @@
 """Loading 2D images and 3D volumes with MONAI readers, with the reader quirks normalised away.
 
-One layout comes out whatever the file format and reader:
+One layout comes out whatever the file format and reader, and it is MONAI's own axis order, i.e. what
+``LoadImage`` + ``EnsureChannelFirst`` give a fine-tuning pipeline (one in-plane orientation from pretraining
+to fine-tuning, so pretrained filters meet the anatomy the way they learned it):
 
-- a 3D volume is a ``MetaTensor`` of shape ``(1, X, Y, Z)`` with its affine (MONAI's usual layout, ready for
+- a 3D volume is a ``MetaTensor`` of shape ``(1, X, Y, Z)`` with its affine (ready for
   ``Orientationd``/``Spacingd``); :class:`~jointssl_monai.data.transforms.SliceSequenced` later turns it into
-  slices;
-- a 2D image is a tensor of shape ``(1, H, W)`` where ``H`` runs over the image *rows* and ``W`` over its
-  *columns*, i.e. the array as ``pydicom``/``PIL`` and any viewer show it.
+  slices that keep the in-plane axes in this order;
+- a 2D image is a tensor of shape ``(1, X, Y)``: the first index is the picture's *column* (``x``, left to
+  right; DICOM ``Columns``, PIL width), the second its *row* (``y``, top to bottom), exactly as MONAI's PIL,
+  pydicom and ITK readers order it (the transpose of the picture array of ``pydicom``/``PIL``). A single
+  DICOM file loaded as 2D equals the same slice of its series loaded as a volume, before any orientation.
+  2D images are not re-oriented: their affines are unreliable (``PydicomReader`` gives an axis-swapping
+  default affine to files without ``ImageOrientationPatient``, which ``Orientation`` would turn into a
+  transpose), and 2D MONAI pipelines (``LoadImage`` + ``EnsureChannelFirst``) usually do not orient them.
+  Their flips are left as read (the views flip them at random anyway).
 
 Normalisations (each pinned on a real file in the tests):
 
-- MONAI readers return 2D pictures as ``(columns, rows)`` (PIL and pydicom with ``swap_ij``): transposed back;
 - the ITK reader returns a single 2D DICOM as 3D with a singleton axis: 2D items are squeezed;
 - ``PydicomReader`` leaves ``MONOCHROME1`` images (many X-rays) inverted, bone dark: they are inverted so that
   bright means dense, as for ``MONOCHROME2`` and for the ITK/GDCM reader;
-- RGB(A) pictures are averaged to one grey channel.
+- RGB(A) pictures are averaged to one grey channel (the ITK reader gives PNGs as RGB components, PIL as grey;
+  both come out the same).
 """
 
 from __future__ import annotations
@@ -185,9 +193,8 @@ def load_ssl_image(
         raise BadInputError(image, f"unreadable image ({type(err).__name__}: {err})") from err
     array = _to_layout(array, dims, source)
     check_voxel_values(array, image)
-    if dims == 2:
-        # MONAI readers give (columns, rows); the rows x columns picture is its transpose.
-        return torch.as_tensor(np.ascontiguousarray(array.T), dtype=torch.float32)[None]
+    if dims == 2:  # MONAI's reader order (columns, rows), as LoadImage gives it to fine-tuning: kept as is
+        return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)[None]
     check_affine(affine, image)
     return MetaTensor(torch.as_tensor(array, dtype=torch.float32)[None], affine=torch.as_tensor(affine))
 

@@ -3,7 +3,9 @@ in-plane resizing.
 
 Layout after :class:`SliceSequenced`: a volume is ``(C, S, H, W)`` (slices first, as the slice encoder
 consumes them) with ``data["num_slices"]`` valid slices at the front and zero padding behind; a 2D image is
-``(C, H, W)``.
+``(C, H, W)``. ``(H, W)`` is always MONAI's in-plane axis order: for axial slices of a ``(C, X, Y, Z)`` volume
+``(H, W) = (X, Y)``, for a 2D image (columns, rows) as MONAI's readers give it (see
+:mod:`jointssl_monai.data.io`), the same order as the fine-tuning networks see.
 """
 
 from __future__ import annotations
@@ -85,9 +87,11 @@ class SliceSequenced(Randomizable, MapTransform):
     """Turn a volume ``(C, X, Y, Z)`` into a sequence of ``num_slices`` slices ``(C, S, H, W)``.
 
     The slices are taken along ``slice_axis`` (0, 1, 2, or ``"auto"``: the axis with the largest voxel
-    spacing, i.e. the acquisition direction of anisotropic scans). The in-plane axes keep the 2D-image
-    convention of :mod:`jointssl_monai.data.io` (``H`` then ``W`` = the remaining axes in reverse order, so
-    that an axial slice of an LPS-oriented CT shows exactly as its DICOM pixel array). The number of valid
+    spacing, i.e. the acquisition direction of anisotropic scans). The in-plane axes keep MONAI's order
+    (``H`` then ``W`` = the remaining axes in increasing order, e.g. ``(X, Y)`` for axial slices), which is
+    the order in which a MONAI fine-tuning pipeline (``LoadImage``, ``EnsureChannelFirst``, ``Orientation``)
+    hands the same plane to a 2D network, and in which a 2D kernel inflated to 3D with its new axis last
+    (:func:`jointssl_monai.transfer.inflate_kernel`) meets it in a 3D network. The number of valid
     slices, ``min(depth, num_slices)``, goes to ``data[num_slices_key]``; padded slices are zeros at the end.
     2D images ``(C, H, W)`` pass through with ``num_slices = 1``.
 
@@ -165,8 +169,8 @@ class SliceSequenced(Randomizable, MapTransform):
             axis = self._axis(img)
             plane = [a for a in (0, 1, 2) if a != axis]
             tensor = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
-            # (C, X, Y, Z) -> (C, slice, H, W) with (H, W) = the in-plane axes reversed (rows, columns)
-            tensor = tensor.permute(0, 1 + axis, 1 + plane[1], 1 + plane[0])
+            # (C, X, Y, Z) -> (C, slice, H, W) with (H, W) = the in-plane axes in MONAI's order
+            tensor = tensor.permute(0, 1 + axis, 1 + plane[0], 1 + plane[1])
             keep = self.select(tensor.shape[1])
             out = tensor.new_zeros((tensor.shape[0], self.num_slices, *tensor.shape[2:]))
             out[:, : len(keep)] = tensor[:, torch.as_tensor(keep)]

@@ -7,7 +7,9 @@ Its weights are exported as a plain state dict whose keys are those of
 
 - into a 2D ``FlexibleUNet``: same names, same shapes (prefix ``encoder.``);
 - into a 3D ``FlexibleUNet``: every 2D kernel ``(O, I, kh, kw)`` is *inflated* to ``(O, I, kh, kw, kd)``
-  (Carreira & Zisserman, "Quo Vadis, Action Recognition?", CVPR 2017, the I3D convention);
+  (Carreira & Zisserman, "Quo Vadis, Action Recognition?", CVPR 2017, the I3D convention). Pretraining
+  slices are ``(X, Y)`` planes of MONAI's ``(C, X, Y, Z)`` volumes in that axis order, so ``kh`` acts on
+  ``X``, ``kw`` on ``Y`` and the new depth taps on ``Z``, the last spatial axis, as in the 3D network's input;
 - into a network whose first convolution takes another number of input channels (the stem is adapted).
 
 It reports what was loaded, what was skipped and why, and what the target encoder did not receive, and it
@@ -223,7 +225,8 @@ def inflate_kernel(
         weight: 2D kernel of shape ``(out_channels, in_channels, kh, kw)``.
         depth: number of taps along the new axis.
         mode: ``"mean"`` or ``"center"``.
-        depth_axis: spatial axis of the 3D kernel that is new (``-1``: the last, MONAI's ``D`` of ``HWD``).
+        depth_axis: spatial axis of the 3D kernel that is new (``-1``: the last, ``Z`` of MONAI's
+            ``(C, X, Y, Z)`` volumes); the 2D kernel's two axes go, in order, to the other two.
 
     Returns:
         a kernel of shape ``(O, I, kh, kw)`` with ``depth`` inserted at spatial axis ``depth_axis``.
@@ -306,8 +309,11 @@ def load_pretrained_encoder(
         inflate: how a 2D kernel becomes 3D for a 3D network, see :func:`inflate_kernel`; ``"auto"`` is
             ``"mean"`` (the I3D convention, which keeps the response to depth-constant inputs).
         first_conv: how the stem is adapted when the input channels differ, see :func:`adapt_first_conv`.
-        depth_axis: the spatial axis of the 3D kernels that inflation adds (default: the last one, so the 2D
-            kernel acts on the first two spatial axes, the in-plane axes of MONAI's ``(H, W, D)`` slices).
+        depth_axis: the spatial axis of the 3D kernels that inflation adds (default: the last one, ``Z`` of
+            MONAI's ``(C, X, Y, Z)`` volumes, so the 2D kernel acts on ``(X, Y)`` in that order). Pretraining
+            slices keep MONAI's in-plane order (:class:`~jointssl_monai.data.SliceSequenced`), so use the
+            pretraining ``slice_axis`` here (2 or -1 for axial slices, the default) and a 2D filter meets the
+            planes of the fine-tuning volumes exactly as it met the pretraining slices.
         strict: refuse (raise) unless every encoder key loads and every checkpoint key is used, which is what
             happens when the checkpoint is the same backbone as the network. ``False`` loads what fits.
         encoder_prefix: the encoder's prefix inside ``network``; default ``"encoder."`` when the network has

@@ -60,7 +60,8 @@ MMWHS_LABELS = (500, 600, 420, 550, 205, 820, 850)
 
 @dataclass
 class Volume:
-    """One case in RAS orientation: ``image`` ``(C, H, W, D)`` in ``[0, 1]``, ``label`` ``(H, W, D)``."""
+    """One case in RAS orientation: ``image`` ``(C, X, Y, Z)`` in ``[0, 1]``, ``label`` ``(X, Y, Z)``
+    (MONAI's axis order, as ``LoadImage`` + ``Orientation`` give it, the same as in pretraining)."""
 
     name: str
     image: torch.Tensor
@@ -167,7 +168,8 @@ def _fit(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 
 
 def _slices(volume: Volume, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    image = volume.image.movedim(1 + axis, 1).transpose(0, 1)  # (S, C, h, w)
+    # (S, C, h, w): the in-plane axes stay in MONAI's order ((X, Y) for axial slices), as in pretraining
+    image = volume.image.movedim(1 + axis, 1).transpose(0, 1)
     label = volume.label.movedim(axis, 0)  # (S, h, w)
     return image, label
 

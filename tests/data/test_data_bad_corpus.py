@@ -227,8 +227,8 @@ def test_rgb_and_rgba_png_become_the_mean_of_red_green_blue(tmp_path):
     expected = rgb.astype(np.float32).mean(-1)
     for name in ("rgb.png", "rgba.png"):
         image = load_ssl_image(tmp_path / name, dims=2)
-        assert image.shape == (1, 20, 16)  # rows x columns, as the picture is shown
-        np.testing.assert_allclose(image[0].numpy(), expected, rtol=0, atol=1e-4)
+        assert image.shape == (1, 16, 20)  # (columns, rows): MONAI's reader order
+        np.testing.assert_allclose(image[0].numpy(), expected.T, rtol=0, atol=1e-4)
 
 
 def test_16_bit_png_is_read_faithfully(tmp_path):
@@ -237,7 +237,7 @@ def test_16_bit_png_is_read_faithfully(tmp_path):
     Image.fromarray(values).save(tmp_path / "sixteen.png")
     assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")
     image = load_ssl_image(tmp_path / "sixteen.png", dims=2)
-    np.testing.assert_array_equal(image[0].numpy(), values.astype(np.float32))
+    np.testing.assert_array_equal(image[0].numpy(), values.astype(np.float32).T)  # (columns, rows)
 
 
 def test_one_bit_png_reads_as_zero_and_one(tmp_path):
@@ -245,7 +245,7 @@ def test_one_bit_png_reads_as_zero_and_one(tmp_path):
     Image.fromarray(mask).save(tmp_path / "bits.png")
     assert Image.open(tmp_path / "bits.png").mode == "1"
     image = load_ssl_image(tmp_path / "bits.png", dims=2)
-    np.testing.assert_array_equal(image[0].numpy(), mask.astype(np.float32))
+    np.testing.assert_array_equal(image[0].numpy(), mask.astype(np.float32).T)  # (columns, rows)
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.uint16, np.int8, np.float64])

@@ -51,7 +51,7 @@ def _volume(depth: int) -> torch.Tensor:
 )
 def test_slice_policies(policy, depth, expected):
     out = SliceSequenced("image", num_slices=8, policy=policy)({"image": _volume(depth)})
-    assert out["image"].shape == (1, 8, 5, 6)  # (C, S, H, W): H, W = the in-plane axes reversed
+    assert out["image"].shape == (1, 8, 6, 5)  # (C, S, H, W): H, W = the in-plane axes in MONAI's order
     assert out["image"][0, :, 0, 0].tolist() == expected
     assert out["num_slices"] == min(depth, 8)
 
@@ -67,17 +67,23 @@ def test_random_policy_is_a_contiguous_window_that_moves():
     assert len(starts) > 5 and min(starts) >= 1 and max(starts) <= 17
 
 
-def test_axial_slices_of_an_lps_ct_show_as_their_dicom_pixel_arrays(pydicom_ct_series):
+def test_axial_slices_of_a_ct_series_are_its_2d_dicom_files_in_monai_order(pydicom_ct_series):
     files = sorted(
         pydicom_ct_series.iterdir(), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2])
     )
-    volume = Orientation(axcodes="LPS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(
-        load_ssl_image([str(f) for f in files], dims=3)
-    )
-    seq = SliceSequenced("image", num_slices=5)({"image": volume})["image"]
+    volume = load_ssl_image([str(f) for f in files], dims=3)
+    labels = (("L", "R"), ("P", "A"), ("I", "S"))
+    slicer = SliceSequenced("image", num_slices=5)
+    native = slicer({"image": Orientation("LPS", labels=labels)(volume)})["image"]
+    ras = slicer({"image": Orientation("RAS", labels=labels)(volume)})["image"]
     for i, f in enumerate(files):
         ds = pydicom.dcmread(f)
-        np.testing.assert_array_equal(seq[0, i].numpy(), ds.pixel_array + float(ds.RescaleIntercept))
+        picture = ds.pixel_array + float(ds.RescaleIntercept)
+        # LPS is the series' own axis order: slice i is the file read as a 2D image, (columns, rows)
+        np.testing.assert_array_equal(native[0, i].numpy(), picture.T)
+        np.testing.assert_array_equal(native[0, i].numpy(), load_ssl_image(f, dims=2)[0].numpy())
+        # RAS (pretraining and fine-tuning default) keeps the axis order and flips both directions
+        np.testing.assert_array_equal(ras[0, i].numpy(), picture.T[::-1, ::-1])
 
 
 def test_slice_i_of_both_views_is_the_same_source_slice():
