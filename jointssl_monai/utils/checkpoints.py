@@ -10,15 +10,26 @@ next successful :func:`atomic_save` of the same path.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "latest_checkpoint", "safe_load", "temp_files_of"]
+__all__ = [
+    "PROTOTYPE_MODULES",
+    "atomic_save",
+    "latest_checkpoint",
+    "load_network_checkpoint",
+    "safe_load",
+    "temp_files_of",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def temp_files_of(path: str | os.PathLike) -> list[Path]:
@@ -133,11 +144,26 @@ def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pt") -> st
     return str(max(candidates, key=order))
 
 
-def load_network_checkpoint(network: torch.nn.Module, path: str | os.PathLike, key: str = "network") -> int:
+#: Modules of ``JointSSLNet`` whose layout may differ between the stages of the authors' recipe: the prototype
+#: banks, sized by each stage's clustering method (DeepCluster-v2: one bank per head; ``"none"``: one bank).
+PROTOTYPE_MODULES = ("intra_prototypes", "inter_prototypes")
+
+
+def load_network_checkpoint(
+    network: torch.nn.Module,
+    path: str | os.PathLike,
+    key: str = "network",
+    flexible: Sequence[str] = PROTOTYPE_MODULES,
+) -> int:
     """Initialise ``network`` from a pretraining checkpoint (its ``key`` entry, or a plain state dict).
 
     Used to chain the stages of the authors' recipe (stage B starts from stage A's weights, and so on). Every
-    key must match: the stages share one network layout, so a mismatch means the wrong file.
+    key must match, with one exception: a module named in ``flexible`` (the prototype banks) whose keys or
+    shapes differ from the checkpoint's keeps the network's own initialisation, with a warning naming it.
+    Each stage sizes the banks for its own clustering methods (a level set to ``"none"`` gets one bank,
+    DeepCluster-v2 one per head), so stage C with volume-level DeepCluster-v2 cannot take stage B's single
+    volume-level bank; in the authors' recipe no stage before C trains that bank, and DeepCluster-v2 replaces
+    its banks by k-means centroids anyway. A bank whose layout matches is loaded like everything else.
 
     Returns:
         The number of tensors loaded.
@@ -148,8 +174,23 @@ def load_network_checkpoint(network: torch.nn.Module, path: str | os.PathLike, k
     if not isinstance(state, dict) or not state:
         raise ValueError(f"checkpoint {path} holds no state dict under {key!r}")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = network.state_dict()
+    kept: list[str] = []
+    fresh = 0  # tensors left at the network's own initialisation
+    for name in flexible:
+        prefix = name + "."
+        theirs = {k: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+        ours = {k: tuple(v.shape) for k, v in own.items() if k.startswith(prefix)}
+        if not theirs or not ours or theirs == ours:  # matching (or absent on one side: strict rules apply)
+            continue
+        kept.append(f"{name} ({list(theirs.values())} in the checkpoint, {list(ours.values())} here)")
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        state.update({k: v for k, v in own.items() if k.startswith(prefix)})
+        fresh += len(ours)
+    if kept:
+        logger.warning(f"init checkpoint {path}: kept the fresh initialisation of {'; '.join(kept)}")
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"checkpoint {path} does not fit this network: {err}") from err
-    return len(state)
+    return len(state) - fresh
