@@ -70,9 +70,11 @@ class JointSSLOutput:
         intra_source: ``(N_intra,)`` long, sample of each intra row in ``[volumes..., images...]``.
         intra_slice: ``(N_intra,)`` long, slice position of each intra row (0 for 2D images).
         volume_features: per global view, ``(B, d_model)`` holistic volume features ``Z``.
-        masked_prediction: ``(B, S, d_model)`` predicted slice embeddings from the masked sequence.
-        masked_target: ``(B, S, d_model)`` the slice embeddings before masking (detached).
-        mask: ``(B, S)`` bool, the positions replaced by the mask token (always valid slices).
+        masked_prediction: per masked view, ``(B, S, d_model)`` slice embeddings predicted from that view's
+            masked sequence.
+        masked_target: per masked view, ``(B, S, d_model)`` that view's slice embeddings before masking
+            (detached).
+        mask: per masked view, ``(B, S)`` bool, the positions replaced by the mask token (valid slices only).
         valid: ``(B, S)`` bool, the valid (non-padded) slice positions.
     """
 
@@ -81,7 +83,7 @@ class JointSSLOutput:
     intra_source: torch.Tensor | None = None
     intra_slice: torch.Tensor | None = None
     volume_features: list[torch.Tensor] | None = None
-    masked_prediction: torch.Tensor | None = None
-    masked_target: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
+    masked_prediction: list[torch.Tensor] | None = None
+    masked_target: list[torch.Tensor] | None = None
+    mask: list[torch.Tensor] | None = None
     valid: torch.Tensor | None = None

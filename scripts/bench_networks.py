@@ -94,11 +94,11 @@ def _scalar_loss(out, temperature: float = 0.1):
         for per_view in branch.scores + branch.local_scores:
             for s in per_view:
                 total = total + torch.logsumexp(s.float() / temperature, dim=1).mean()
-    if out.masked_prediction is not None:
-        m = out.mask[..., None].float()
-        total = total + (
-            (out.masked_prediction.float() - out.masked_target.float()) ** 2 * m
-        ).sum() / m.sum().clamp(min=1)
+    for pred, target, mask in zip(
+        out.masked_prediction or [], out.masked_target or [], out.mask or [], strict=True
+    ):
+        m = mask[..., None].float()
+        total = total + ((pred.float() - target.float()) ** 2 * m).sum() / m.sum().clamp(min=1)
     return total
 
 

@@ -29,13 +29,18 @@ def sinkhorn_knopp(
     give on the concatenated batch.
 
     Numerics: computed outside autocast in float32 (float64 if ``scores`` is float64 or ``dtype`` says so).
-    Before ``exp``, each prototype's global maximum and then each sample's maximum are subtracted, so no entry
-    overflows and every prototype and every sample keeps an entry equal to 1: none has zero mass even for
-    huge scores. Sums are also clamped to the smallest normal number: no inf or NaN can appear. The fixed
-    point of Sinkhorn is invariant to these shifts, and the prototype shift is cancelled exactly by the first
-    normalisation; the sample shift is not, so after SwAV's 3 iterations the codes can differ slightly from
-    SwAV's reference when some sample is no prototype's best match (about 1e-4 relative at 4096 x 3000, up
-    to 1 % on tiny 32 x 10 problems; the argmax agreed in every case we checked).
+    Before ``exp``, each prototype's global maximum over the batch is subtracted: no entry overflows, every
+    prototype keeps an entry equal to 1 (no prototype has zero mass, even for huge scores), and the first
+    per-prototype normalisation cancels this shift exactly: the codes are SwAV's (``distributed_sinkhorn``) up
+    to rounding. Sums are clamped to the smallest normal number: no inf or NaN can appear. There is no
+    per-sample shift (it would not cancel after a few iterations: it changed the codes by several per cent on
+    small problems), so a sample can underflow: when each of its scores lies more than about
+    ``(87 - ln(BK)) epsilon`` below that prototype's batch maximum (float32; 708 instead of 87 in float64),
+    its entries flush to zero and its code comes out all zero (or, just at the edge, summing to less than 1);
+    it then adds nothing to a cross-entropy. With L2-normalised embeddings and prototypes the scores lie in
+    ``[-1, 1]``, so such a gap is at most 2 and this cannot happen in float32 for ``epsilon >= 0.03`` with
+    ``B * K`` up to ``1e7``; it can with smaller ``epsilon`` or with scores far beyond the cosine range (where
+    SwAV's own code underflows too, or overflows).
 
     Args:
         scores: ``(B, K)`` prototype scores of the local batch (``B`` may be 0 on some processes).
@@ -66,10 +71,8 @@ def sinkhorn_knopp(
             logits.max(dim=0).values if logits.shape[0] > 0 else logits.new_full((num_prototypes,), -1e30)
         )
         all_reduce_max(row_max, distributed)
-        logits -= row_max
-        if logits.shape[0] > 0:  # then each sample's own maximum (local, no communication)
-            logits -= logits.max(dim=1, keepdim=True).values
-        q = torch.exp(logits).t()  # (K, B), as in SwAV; every row and column holds a 1, all entries <= 1
+        logits -= row_max  # cancelled exactly by the first per-prototype normalisation
+        q = torch.exp(logits).t()  # (K, B), as in SwAV; every prototype holds a 1, all entries <= 1
         totals = torch.stack([q.sum(), q.new_tensor(q.shape[1])])
         all_reduce_sum(totals, distributed)
         total, batch = totals[0], totals[1]

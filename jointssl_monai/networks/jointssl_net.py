@@ -32,12 +32,14 @@ class JointSSLNet(nn.Module):
     :class:`~jointssl_monai.outputs.JointSSLOutput`. All global-view slices of all volumes (valid ones only)
     and all 2D images go through the slice encoder in one call (one call per distinct slice shape).
 
-    Masked slice modelling runs on view ``s`` only: the contract carries one ``(B, S, D)`` prediction, and one
-    masked sequence per volume is what the authors train with. Both views' ``Z`` come from unmasked tokens;
-    the masked sequence and the two views share one aggregator call (batch ``3B``).
+    Masked slice modelling runs on both views, as in the authors' stage B (each view's sequence gets its own
+    random mask; the loss sums the views). Both views' ``Z`` come from unmasked tokens; the two unmasked and
+    the two masked sequences share one aggregator call (batch ``4B``).
 
     The authors' staged recipe maps onto flags: stage A ``use_inter=False, use_mask=False``; stage B
-    ``use_intra=False, use_inter=False, freeze_encoder=True``; stage C ``use_intra=False, use_mask=False``.
+    ``use_intra=False, use_inter=False, freeze_encoder=True``; stage C ``use_intra=False, use_mask=False``
+    with the whole network trained, slice encoder included (their stage C optimises every parameter of
+    ``ResNet_Trans``).
     Every module is built whatever the flags, so checkpoints of all stages share one key set; the parameters
     of a disabled branch are frozen (``requires_grad=False``) so that distributed data parallel does not wait
     for their gradients. ``freeze_encoder`` also keeps the encoder in eval mode (fixed BatchNorm statistics)
@@ -58,8 +60,8 @@ class JointSSLNet(nn.Module):
         :class:`SliceEncoder`). gradient_checkpointing: recompute encoder activations in the backward pass.
         channels_last: run the encoder in channels-last memory format. proj_num_layers: linear layers of each
         projection head. proj_batch_norm: BatchNorm in the intra projection head. inter_proj_batch_norm:
-        BatchNorm in the inter projection head (``None``: same as ``proj_batch_norm``); its
-            batch is ``2 x`` volumes per process, so consider ``False`` with one volume per process.
+        BatchNorm in the inter projection head (default off: its batch is only ``2 x`` volumes per process,
+        and BatchNorm over two rows encodes the difference between the views).
         position_encoding: sinusoidal slice position encoding in the aggregator (``None``: only for
         ``"full"``).
         deformable_kwargs: extra arguments of :class:`DeformableAttention1D`.
@@ -92,7 +94,7 @@ class JointSSLNet(nn.Module):
         channels_last: bool = False,
         proj_num_layers: int = 2,
         proj_batch_norm: bool = True,
-        inter_proj_batch_norm: bool | None = None,
+        inter_proj_batch_norm: bool = False,
         position_encoding: bool | None = None,
         deformable_kwargs: dict | None = None,
         mask_decoder_hidden_dim: int | None = None,
@@ -119,9 +121,10 @@ class JointSSLNet(nn.Module):
             deformable_kwargs,
         )
         self.masked_modeling = MaskedSliceModeling(d_model, mask_ratio, mask_decoder_hidden_dim)
-        inter_bn = proj_batch_norm if inter_proj_batch_norm is None else inter_proj_batch_norm
         self.intra_head = ProjectionHead(d_model, proj_hidden_dim, proj_dim, proj_num_layers, proj_batch_norm)
-        self.inter_head = ProjectionHead(d_model, proj_hidden_dim, proj_dim, proj_num_layers, inter_bn)
+        self.inter_head = ProjectionHead(
+            d_model, proj_hidden_dim, proj_dim, proj_num_layers, inter_proj_batch_norm
+        )
         self.intra_prototypes = MultiPrototypes(proj_dim, intra_prototypes)
         self.inter_prototypes = MultiPrototypes(proj_dim, inter_prototypes)
 
@@ -294,15 +297,19 @@ class JointSSLNet(nn.Module):
                 for e in vol_emb
             ]
             seqs = list(tokens) if self.use_inter else []
+            masks = []
             if self.use_mask:
-                mask = self.masked_modeling.sample_mask(valid)  # type: ignore[arg-type]
-                seqs.append(self.masked_modeling.mask_tokens(tokens[0], mask))
+                masks = [self.masked_modeling.sample_mask(valid) for _ in tokens]  # type: ignore[arg-type]
+                seqs += [self.masked_modeling.mask_tokens(t, m) for t, m in zip(tokens, masks, strict=True)]
             ctx, z = self.aggregator(torch.cat(seqs, dim=0), valid.repeat(len(seqs), 1))  # type: ignore[union-attr]
             if self.use_inter:
                 out.volume_features = [z[:b], z[b : 2 * b]]
                 out.inter = self._branch(self.inter_head, self.inter_prototypes, out.volume_features, 2)
             if self.use_mask:
-                out.masked_prediction = self.masked_modeling(ctx[-b:]) * valid[..., None]  # type: ignore[index]
-                out.masked_target = tokens[0].detach()
-                out.mask = mask
+                decoded = (
+                    self.masked_modeling(ctx[-len(masks) * b :]) * valid.repeat(len(masks), 1)[..., None]
+                )  # type: ignore[union-attr]
+                out.masked_prediction = list(decoded.split(b))
+                out.masked_target = [t.detach() for t in tokens]
+                out.mask = masks
         return out

@@ -154,8 +154,8 @@ def test_masked_embedding_loss() -> None:
     mask[0, 1] = mask[1, 0] = True
     valid = torch.ones(2, 5, dtype=torch.bool)
     valid[1, 4] = False
-    masked = MaskedEmbeddingLoss()(prediction + offset, target, mask, valid)
-    every = MaskedEmbeddingLoss("all")(prediction + offset, target, mask, valid)
+    masked = MaskedEmbeddingLoss(target_norm="none")(prediction + offset, target, mask, valid)
+    every = MaskedEmbeddingLoss("all", target_norm="none")(prediction + offset, target, mask, valid)
     torch.testing.assert_close(masked, torch.tensor((4.0 * 4) / (2 * 4)))
     torch.testing.assert_close(every, torch.tensor((4.0 * 4 + 1.0 * 4) / (9 * 4)))
     masked.backward()
@@ -166,6 +166,41 @@ def test_masked_embedding_loss() -> None:
         MaskedEmbeddingLoss()(prediction, target[:, :3], mask, valid)
     with pytest.raises(ValueError, match="reduction"):
         MaskedEmbeddingLoss("sum")
+    with pytest.raises(ValueError, match="target_norm"):
+        MaskedEmbeddingLoss(target_norm="token")
+
+
+def test_masked_embedding_target_is_standardised_over_slices() -> None:
+    """Default target: each feature of each volume standardised over its valid slices (hand-computed here);
+    the loss is invariant to the scale of the tokens, and predicting the volume's mean token costs
+    about 1 per element, however alike the slices are."""
+    gen = torch.Generator().manual_seed(0)
+    mean_token = torch.randn(2, 1, 6, generator=gen)
+    target = mean_token + 1e-2 * torch.randn(2, 7, 6, generator=gen)  # slices nearly identical, as at init
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, 5:] = False
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, [1, 4]] = mask[1, 2] = True
+    prediction = torch.randn(2, 7, 6, generator=gen)
+    loss = MaskedEmbeddingLoss()
+    expected = []
+    for b, n in enumerate([7, 5]):
+        x = target[b, :n].double()
+        z = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-6 * x.pow(2).mean())
+        rows = mask[b, :n].nonzero()[:, 0]
+        expected.append((prediction[b, rows].double() - z[rows]) ** 2)
+    torch.testing.assert_close(
+        loss(prediction, target, mask, valid).double(), torch.cat(expected).mean(), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        loss(prediction, 0.01 * target, mask, valid),
+        loss(prediction, target, mask, valid),
+        rtol=1e-3,
+        atol=0,
+    )
+    predict_mean = loss(mean_token.expand(2, 7, 6), target, mask, valid)
+    raw = MaskedEmbeddingLoss(target_norm="none")(mean_token.expand(2, 7, 6), target, mask, valid)
+    assert float(raw) < 1e-3 and 0.3 < float(predict_mean) < 3.0
 
 
 def test_joint_loss_components_and_missing_branches() -> None:
@@ -224,9 +259,9 @@ def test_joint_loss_falls_on_a_toy_problem(family: str) -> None:
         output = JointSSLOutput(
             intra=ClusterBranch(emb, [[e @ w_intra.t()] for e in emb]),
             inter=ClusterBranch(vol, [[z @ w_inter.t()] for z in vol]),
-            masked_prediction=predictor(masked_tokens.roll(1, dims=1)),
-            masked_target=tokens.detach(),
-            mask=mask,
+            masked_prediction=[predictor(masked_tokens.roll(1, dims=1))],
+            masked_target=[tokens.detach()],
+            mask=[mask],
             valid=torch.ones(16, 4, dtype=torch.bool),
         )
         out = criterion(output, intra_keys=torch.arange(64), inter_keys=torch.arange(16))

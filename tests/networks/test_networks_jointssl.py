@@ -57,12 +57,28 @@ def test_shapes_of_mixed_batches(num_slices, num_images):
     s = vols[0].shape[2]
     assert [z.shape for z in out.volume_features] == [(n_vol, 32)] * 2
     assert out.inter.embeddings[1].shape == (n_vol, 16) and out.inter.scores[0][0].shape == (n_vol, 8)
-    assert out.masked_prediction.shape == out.masked_target.shape == (n_vol, s, 32)
+    assert len(out.masked_prediction) == len(out.masked_target) == len(out.mask) == 2  # both views masked
     assert torch.equal(out.valid, torch.arange(s)[None] < ns[:, None])
-    assert not (out.mask & ~out.valid).any()
-    assert out.mask.sum(1).tolist() == [0 if n == 1 else max(1, round(0.25 * n)) for n in num_slices]
-    assert not out.masked_target.requires_grad
-    assert torch.all(out.masked_target[~out.valid] == 0) and torch.all(out.masked_prediction[~out.valid] == 0)
+    for pred, target, mask in zip(out.masked_prediction, out.masked_target, out.mask, strict=True):
+        assert pred.shape == target.shape == (n_vol, s, 32)
+        assert not (mask & ~out.valid).any()
+        assert mask.sum(1).tolist() == [0 if n == 1 else max(1, round(0.25 * n)) for n in num_slices]
+        assert not target.requires_grad
+        assert torch.all(target[~out.valid] == 0) and torch.all(pred[~out.valid] == 0)
+
+
+def test_masked_targets_are_each_views_own_slice_embeddings():
+    """The target of masked view v is view v's encoder embeddings of its valid slices, in slice order."""
+    net = _net().eval()
+    vols, ns = _volumes([3, 2])
+    vols = [vols[0], vols[0].flip(-1)]  # two views that embed differently
+    out = net(vols, ns)
+    valid = out.valid
+    for v in range(2):
+        expected = net.encoder(vols[v].transpose(1, 2)[valid])
+        torch.testing.assert_close(out.masked_target[v][valid], expected, rtol=1e-5, atol=1e-6)
+        assert torch.all(out.masked_target[v][~valid] == 0)
+    assert not torch.allclose(out.masked_target[0][valid], out.masked_target[1][valid], atol=1e-3)
 
 
 def test_local_views_map_to_image_rows():
@@ -83,8 +99,8 @@ def _scalar(out: JointSSLOutput, gen: torch.Generator) -> torch.Tensor:
     for br in branches:
         for t in br.embeddings + [s for per in br.scores + br.local_scores for s in per]:
             total = total + (t * torch.randn(t.shape, generator=gen)).sum()
-    m = out.mask[..., None]
-    total = total + ((out.masked_prediction - out.masked_target) ** 2 * m).sum()
+    for pred, target, mask in zip(out.masked_prediction, out.masked_target, out.mask, strict=True):
+        total = total + ((pred - target) ** 2 * mask[..., None]).sum()
     return total
 
 
@@ -113,7 +129,11 @@ def test_padded_slices_change_nothing():
         torch.manual_seed(123)  # same mask draw
         outs.append(net(views, ns, imgs))
     a, b = outs
-    pairs = [(a.masked_prediction, b.masked_prediction), (a.masked_target, b.masked_target), (a.mask, b.mask)]
+    pairs = [
+        (x, y)
+        for name in ("masked_prediction", "masked_target", "mask")
+        for x, y in zip(getattr(a, name), getattr(b, name), strict=True)
+    ]
     pairs += list(zip(a.volume_features, b.volume_features, strict=True))
     for br_a, br_b in ((a.intra, b.intra), (a.inter, b.inter)):
         pairs += list(zip(br_a.embeddings, br_b.embeddings, strict=True))
@@ -136,7 +156,7 @@ def test_stage_flags_freeze_and_disable_branches():
     out = net(vols, ns)
     assert out.intra is None and out.inter is None and out.volume_features is None
     assert torch.equal(running, net.encoder.resnet.bn1.running_mean)
-    _ = ((out.masked_prediction - out.masked_target) ** 2).sum().backward()
+    _ = ((out.masked_prediction[0] - out.masked_target[0]) ** 2).sum().backward()
     assert net.masked_modeling.mask_token.grad is not None and net.encoder.resnet.conv1.weight.grad is None
     stage_c = _net(use_intra=False, use_mask=False)
     out = stage_c(vols, ns, [torch.randn(2, 1, 32, 32)] * 2)
@@ -155,3 +175,16 @@ def test_bad_batches_are_named():
         net([vols[0], vols[1][:, :, :4]])
     with pytest.raises(ValueError, match=r"image_views\[0\]"):
         net(image_views=[torch.randn(2, 3, 32, 32)] * 2)
+
+
+def test_volume_head_has_no_batch_norm_by_default():
+    """Its batch is 2 x volumes per process: BatchNorm over two rows encodes the difference of the views."""
+    net = _net()
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in net.intra_head.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in net.inter_head.modules())
+    # one volume, two near-identical views: the volume embeddings of the views stay near-identical
+    net.train()
+    vol = torch.randn(1, 1, 5, 32, 32)
+    out = net([vol, vol + 0.01 * torch.randn_like(vol)], torch.tensor([5]))
+    cosine = torch.nn.functional.cosine_similarity(out.inter.embeddings[0], out.inter.embeddings[1])
+    assert float(cosine.detach()) > 0.95
