@@ -29,7 +29,7 @@ from jointssl_monai.outputs import JointSSLOutput
 __all__ = ["JointSSLTrainer", "NonFiniteLossError", "iteration_output", "prepare_ssl_batch", "unwrap"]
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_STAT_SUFFIXES = ("_normalized_entropy", "_clusters_used", "_largest_share")
+DIAGNOSTIC_SUFFIXES = ("_normalized_entropy", "_clusters_used", "_largest_share", "_token_spread")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -294,7 +294,7 @@ class JointSSLTrainer(Trainer):
             )
         result.update({"loss": losses["loss"].detach(), "intra_keys": intra_keys, "inter_keys": inter_keys})
         # Components are detached tensors; collapse diagnostics are plain floats.
-        result.update({k if k.endswith(_STAT_SUFFIXES) else f"loss_{k}": v
+        result.update({k if k.endswith(DIAGNOSTIC_SUFFIXES) else f"loss_{k}": v
                                     for k, v in losses.items() if k != "loss"})  # fmt: skip
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if not self._check_finite(engine, losses):

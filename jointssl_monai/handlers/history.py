@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Events
 
-from jointssl_monai.engines.trainer import iteration_output
+from jointssl_monai.engines.trainer import DIAGNOSTIC_SUFFIXES, iteration_output
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -21,7 +21,8 @@ __all__ = ["LossHistoryHandler"]
 
 
 class LossHistoryHandler:
-    """Averages ``loss`` and every ``loss_*`` component of the iteration output over each epoch and writes
+    """Averages ``loss``, every ``loss_*`` component and every collapse diagnostic (``intra_clusters_used``,
+    ``mask_token_spread``, ...) of the iteration output over each epoch and writes
     ``{"epochs": [{"epoch": 1, "iterations": n, "loss": ..., "loss_intra": ...}, ...]}`` to ``output_file``
     (rank 0 only, rewritten atomically after every epoch). A resumed run continues the file it finds.
 
@@ -51,7 +52,7 @@ class LossHistoryHandler:
     def accumulate(self, engine: Engine) -> None:
         output = iteration_output(engine)
         for key, value in output.items():
-            if key == "loss" or key.startswith("loss_"):
+            if key == "loss" or key.startswith("loss_") or key.endswith(DIAGNOSTIC_SUFFIXES):
                 self.sums[key] += float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
         self.count += 1
 

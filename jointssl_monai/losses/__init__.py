@@ -6,10 +6,12 @@ from jointssl_monai.losses.diagnostics import (
     clusters_used,
     largest_cluster_share,
     mean_assignment_entropy,
+    occupancy_diagnostics,
+    token_spread,
 )
 from jointssl_monai.losses.joint import JointSSLLoss
 from jointssl_monai.losses.kmeans import KMeansResult, spherical_kmeans
-from jointssl_monai.losses.masked import MaskedEmbeddingLoss
+from jointssl_monai.losses.masked import MaskedEmbeddingLoss, normalize_over_slices
 from jointssl_monai.losses.sinkhorn import sinkhorn_knopp
 from jointssl_monai.losses.swav import SwAVLoss, cancel_prototype_gradients, normalize_prototypes_
 
@@ -24,7 +26,10 @@ __all__ = [
     "clusters_used",
     "largest_cluster_share",
     "mean_assignment_entropy",
+    "normalize_over_slices",
     "normalize_prototypes_",
+    "occupancy_diagnostics",
     "sinkhorn_knopp",
     "spherical_kmeans",
+    "token_spread",
 ]

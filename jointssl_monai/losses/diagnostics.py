@@ -14,7 +14,14 @@ import torch
 
 from jointssl_monai.utils.dist import all_reduce_sum
 
-__all__ = ["cluster_diagnostics", "clusters_used", "largest_cluster_share", "mean_assignment_entropy"]
+__all__ = [
+    "cluster_diagnostics",
+    "clusters_used",
+    "largest_cluster_share",
+    "mean_assignment_entropy",
+    "occupancy_diagnostics",
+    "token_spread",
+]
 
 
 def _check(codes: torch.Tensor) -> None:
@@ -75,3 +82,51 @@ def cluster_diagnostics(codes: torch.Tensor, distributed: bool = False) -> dict[
         "clusters_used": clusters_used(codes, distributed),
         "largest_share": largest_cluster_share(codes, distributed),
     }
+
+
+@torch.no_grad()
+def occupancy_diagnostics(counts: torch.Tensor) -> dict[str, float]:
+    """The statistics of :func:`cluster_diagnostics` from hard cluster sizes ``(K,)`` (e.g. k-means labels):
+    entropy of the occupancy distribution, clusters holding at least one item, largest cluster's share."""
+    if counts.ndim != 1 or counts.shape[0] < 1:
+        raise ValueError(f"occupancy_diagnostics: counts must be (K,), got shape {tuple(counts.shape)}.")
+    counts = counts.double()
+    share = counts / counts.sum().clamp_min(1.0)
+    entropy = float(-(share * torch.log(share.clamp_min(1e-300))).sum())
+    k = counts.shape[0]
+    return {
+        "entropy": entropy,
+        "normalized_entropy": entropy / math.log(k) if k > 1 else 0.0,
+        "clusters_used": int((counts > 0).sum()),
+        "largest_share": float(share.max()),
+    }
+
+
+@torch.no_grad()
+def token_spread(tokens: torch.Tensor, valid: torch.Tensor) -> float:
+    """Share of the slice tokens' energy that varies from slice to slice, averaged over volumes.
+
+    ``sum_d Var_s(x[s, d]) / mean_s ||x[s]||^2`` over the valid slices of each volume: 0 when every slice of a
+    volume has the same token (the slice encoder no longer tells slices apart, and masked modelling has
+    nothing left to predict), 1 for zero-mean tokens. Volumes with one valid slice are left out.
+
+    Args:
+        tokens: ``(B, S, D)`` slice tokens.
+        valid: ``(B, S)`` bool, valid slices.
+    """
+    if tokens.ndim != 3 or valid.shape != tokens.shape[:2]:
+        raise ValueError(
+            f"token_spread: need tokens (B, S, D) and valid (B, S), got {tuple(tokens.shape)}, "
+            f"{tuple(valid.shape)}."
+        )
+    x = tokens.detach().double()
+    weight = valid[..., None].double()
+    count = weight.sum(dim=1)  # (B, 1)
+    keep = count[:, 0] > 1
+    if not bool(keep.any()):
+        return float("nan")
+    mean = (x * weight).sum(dim=1) / count.clamp_min(1.0)
+    variance = ((x - mean[:, None]).pow(2) * weight).sum(dim=(1, 2)) / count[:, 0].clamp_min(1.0)
+    energy = (x.pow(2) * weight).sum(dim=(1, 2)) / count[:, 0].clamp_min(1.0)
+    spread = variance / energy.clamp_min(torch.finfo(torch.float64).tiny)
+    return float(spread[keep].mean())

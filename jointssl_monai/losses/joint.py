@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
 from jointssl_monai.losses.deepcluster import DeepClusterV2Loss
-from jointssl_monai.losses.diagnostics import cluster_diagnostics
+from jointssl_monai.losses.diagnostics import cluster_diagnostics, occupancy_diagnostics, token_spread
 from jointssl_monai.losses.masked import MaskedEmbeddingLoss
 from jointssl_monai.losses.swav import SwAVLoss
 from jointssl_monai.outputs import ClusterBranch, JointSSLOutput
@@ -122,7 +122,9 @@ class JointSSLLoss(_Loss):
         Returns:
             ``{"loss": total}`` plus the detached value of each present component (``"intra"``, ``"inter"``,
             ``"mask"``; absent components are left out, never NaN) and, with ``diagnostics``, floats
-            ``"<level>_normalized_entropy"``, ``"<level>_clusters_used"``, ``"<level>_largest_share"``.
+            ``"<level>_normalized_entropy"``, ``"<level>_clusters_used"``, ``"<level>_largest_share"`` (over
+            the SwAV queue when longer than the batch; over the bank's k-means labels for DeepCluster-v2) and,
+            with masked modelling, ``"mask_token_spread"`` (see :func:`token_spread`).
         """
         if not isinstance(output, JointSSLOutput):
             raise TypeError(f"JointSSLLoss: expected a JointSSLOutput, got {type(output).__name__}.")
@@ -144,9 +146,9 @@ class JointSSLLoss(_Loss):
         if output.masked_prediction is not None and self.w_mask != 0:
             if output.masked_target is None or output.mask is None:
                 raise ValueError("JointSSLLoss: masked_prediction given without masked_target or mask.")
-            mask_value = self.mask_loss(
-                output.masked_prediction, output.masked_target, output.mask, output.valid
-            )
+            views = zip(output.masked_prediction, output.masked_target, output.mask, strict=True)
+            # summed over the masked views, as the authors sum their two views' masked losses
+            mask_value = torch.stack([self.mask_loss(p, t, m, output.valid) for p, t, m in views]).sum()
             terms["mask"] = (self.w_mask, mask_value)
         result: dict[str, Any] = {}
         total: torch.Tensor | None = None
@@ -160,17 +162,44 @@ class JointSSLLoss(_Loss):
             total = torch.zeros((), device=device)
         result["loss"] = total
         if self.diagnostics:
-            for name, loss_fn, branch in (
-                ("intra", self.intra_loss, output.intra),
-                ("inter", self.inter_loss, output.inter),
+            for name, loss_fn, branch, prototypes in (
+                ("intra", self.intra_loss, output.intra, intra_prototypes),
+                ("inter", self.inter_loss, output.inter, inter_prototypes),
             ):
                 if loss_fn is None or branch is None or branch.scores[0][0].shape[0] == 0:
                     continue
-                probs = F.softmax(branch.scores[0][0].detach().float() / loss_fn.temperature, dim=1)
-                for key, value in cluster_diagnostics(probs).items():
+                for key, value in self._level_health(loss_fn, branch, prototypes).items():
                     if key != "entropy":
                         result[f"{name}_{key}"] = value
+            if output.masked_target is not None and output.valid is not None:
+                result["mask_token_spread"] = token_spread(output.masked_target[0], output.valid)
         return result
+
+    @staticmethod
+    @torch.no_grad()
+    def _level_health(
+        loss_fn: _Loss, branch: ClusterBranch, prototypes: Sequence[torch.Tensor] | None
+    ) -> dict[str, float]:
+        """Collapse statistics of a level over as many rows as it clusters, not only this step's.
+
+        A step holds few rows at the volume level (often 1-2 volumes), whose argmax agree by chance; so SwAV
+        levels are scored over the queue (which already holds this step's rows) when it is longer than the
+        batch, and DeepCluster-v2 levels report the occupancy of the last k-means over the whole bank.
+        """
+        if isinstance(loss_fn, DeepClusterV2Loss):
+            labels = loss_fn.assignments[0][loss_fn.written]
+            labels = labels[labels >= 0]
+            if labels.numel():
+                return occupancy_diagnostics(torch.bincount(labels, minlength=loss_fn.num_prototypes[0]))
+        rows = branch.scores[0][0].detach().float()
+        if (
+            isinstance(loss_fn, SwAVLoss)
+            and prototypes is not None
+            and int(loss_fn.queue_count) > rows.shape[0]
+        ):
+            weights = F.normalize(prototypes[0].detach().float(), dim=1)
+            rows = loss_fn.queue[0, : int(loss_fn.queue_count)].to(weights) @ weights.t()
+        return cluster_diagnostics(F.softmax(rows / loss_fn.temperature, dim=1))
 
     @staticmethod
     def _some_tensors(output: JointSSLOutput):
@@ -178,4 +207,4 @@ class JointSSLLoss(_Loss):
             if branch is not None:
                 yield branch.embeddings[0]
         if output.masked_prediction is not None:
-            yield output.masked_prediction
+            yield output.masked_prediction[0]
