@@ -119,7 +119,8 @@ class SliceAggregator(nn.Module):
             ``"full"`` (which is otherwise blind to slice order) and off for ``"deformable"`` (whose relative
             position bias already carries order).
         deformable_kwargs: extra arguments of :class:`DeformableAttention1D` (``downsample_factor``,
-            ``offset_kernel_size``, ``offset_scale``, ``cpb_hidden_dim``, ``cpb_log_distance``).
+            ``offset_kernel_size``, ``offset_scale`` in downsampled grid cells, ``grid``,
+            ``grouped_projections``, ``cpb_hidden_dim``, ``cpb_depth``, ``cpb_log_distance``).
     """
 
     def __init__(
