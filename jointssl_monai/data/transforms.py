@@ -23,8 +23,10 @@ from jointssl_monai.data.validation import BadInputError
 __all__ = ["SLICE_POLICIES", "ResizeInPlaned", "ScaleIntensityByModalityd", "SliceSequenced"]
 
 #: ``center``: centre crop (or zero-pad at the end) to S slices, as the authors' code does; ``random``: a
-#: random contiguous window of S slices; ``stride``: S slices at a uniform stride over the whole volume.
-SLICE_POLICIES = ("center", "random", "stride")
+#: random contiguous window of S slices; ``stride``: S slices at a uniform stride over the whole volume;
+#: ``random_stride``: the same comb of S slices over the whole volume, shifted by a random fraction of the
+#: stride, so that every slice is drawn over the epochs and a step's slices are spread over the anatomy.
+SLICE_POLICIES = ("center", "random", "stride", "random_stride")
 
 
 def _source(d: Mapping[Hashable, Any], key: Hashable) -> str:
@@ -149,6 +151,9 @@ class SliceSequenced(Randomizable, MapTransform):
             start = (depth - s) // 2
         elif self.policy == "random":
             start = min(int(self._start * (depth - s + 1)), depth - s)
+        elif self.policy == "random_stride":
+            step = depth / s  # > 1, so the picks are distinct and increasing
+            return np.minimum(((np.arange(s) + self._start) * step).astype(int), depth - 1)
         else:
             return np.round(np.linspace(0, depth - 1, s)).astype(int)
         return np.arange(start, start + s)

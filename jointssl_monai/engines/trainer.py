@@ -68,6 +68,15 @@ def prepare_ssl_batch(batchdata: dict, device: torch.device, non_blocking: bool 
     return {key: _to_device(value, device, non_blocking) for key, value in batchdata.items()}
 
 
+class _GradScaler(torch.amp.GradScaler):
+    """``torch.amp.GradScaler`` whose enabled instance also resumes a checkpoint written without fp16 (an
+    empty state: it keeps its initial scale) instead of raising."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            super().load_state_dict(state_dict)
+
+
 class JointSSLTrainer(Trainer):
     """Ignite trainer for joint image-volume self-supervised pretraining (Nguyen et al., AAAI 2023).
 
@@ -91,7 +100,9 @@ class JointSSLTrainer(Trainer):
         slices_per_sample: the slice budget ``S`` of a volume; intra memory-bank keys are
             ``dataset_index * S + slice_position``.
         epoch_length: iterations per epoch (default: the loader's length).
-        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast; fp16 uses a gradient scaler.
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast on the device's type; fp16 uses a gradient
+            scaler (``self.scaler``, a ``torch.amp.GradScaler`` of the device's type, disabled for the other
+            settings; save it in checkpoints to resume its scale).
         grad_clip_norm: clip the global gradient norm at this value (``None``: no clipping).
         non_blocking: non-blocking host-to-device copies.
         train_handlers: Ignite/MONAI handlers with an ``attach`` method.
@@ -145,6 +156,10 @@ class JointSSLTrainer(Trainer):
         self.grad_clip_norm = grad_clip_norm
         self.nonfinite_policy = nonfinite_policy
         self.lr_scheduler = lr_scheduler
+        # A gradient scaler for fp16 on the trainer's device (``GradScaler(device.type)``); bf16 keeps the
+        # float32 exponent range and needs none. Always present, disabled (a pass-through with an empty state)
+        # unless fp16, so that checkpoints can hold ``trainer.scaler`` whatever ``amp`` is.
+        self.scaler = _GradScaler(self.state.device.type, enabled=self.amp_dtype is torch.float16)
         self.state.skipped_steps = 0
         self.loader_epoch_length = self.state.epoch_length
         self._register_sampler_epoch()
@@ -166,13 +181,10 @@ class JointSSLTrainer(Trainer):
             )
 
     def run(self) -> None:  # type: ignore[override]
-        # A gradient scaler only for fp16 on CUDA; bf16 keeps the float32 exponent range and needs none.
-        use_scaler = self.amp_dtype is torch.float16 and self.state.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         # Registered last, so that it runs after a CheckpointLoader on STARTED.
         if not self.has_event_handler(self._adapt_epoch_length, Events.STARTED):
             self.add_event_handler(Events.STARTED, self._adapt_epoch_length)
-        Workflow.run(self)  # not Trainer.run, which makes a CUDA scaler for every amp setting
+        Workflow.run(self)  # not Trainer.run, which replaces the scaler by a CUDA one for every amp
 
     def _adapt_epoch_length(self, engine: JointSSLTrainer) -> None:
         """Continue at the same epoch after resuming a checkpoint written with another number of processes.
@@ -300,22 +312,15 @@ class JointSSLTrainer(Trainer):
         if not self._check_finite(engine, losses):
             engine.fire_event(IterationEvents.MODEL_COMPLETED)
             return engine.state.output
-        loss = losses["loss"]
-        if engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        # A disabled scaler (no fp16) passes every call through: plain backward and step.
+        engine.scaler.scale(losses["loss"]).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        if engine.scaler is not None:
-            engine.scaler.unscale_(engine.optimizer)
+        engine.scaler.unscale_(engine.optimizer)  # clip the true gradients, not the scaled ones
         if self.grad_clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
             result["grad_norm"] = norm.detach()
-        if engine.scaler is not None:
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            engine.optimizer.step()
+        engine.scaler.step(engine.optimizer)  # skipped by an enabled scaler when a gradient is not finite
+        engine.scaler.update()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 

@@ -7,6 +7,7 @@ from jointssl_monai.handlers.encoder_export import EncoderExportHandler
 from jointssl_monai.handlers.history import LossHistoryHandler
 from jointssl_monai.handlers.pretrained_encoder import PretrainedEncoderLoader
 from jointssl_monai.handlers.prototypes import PrototypeHandler
+from jointssl_monai.handlers.provenance import RunProvenanceHandler
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -16,4 +17,5 @@ __all__ = [
     "LossHistoryHandler",
     "PretrainedEncoderLoader",
     "PrototypeHandler",
+    "RunProvenanceHandler",
 ]

@@ -67,6 +67,19 @@ def test_random_policy_is_a_contiguous_window_that_moves():
     assert len(starts) > 5 and min(starts) >= 1 and max(starts) <= 17
 
 
+def test_random_stride_policy_spreads_a_moving_comb_over_the_volume():
+    t = SliceSequenced("image", num_slices=4, policy="random_stride")
+    t.set_random_state(seed=1)
+    seen = set()
+    for _ in range(40):
+        picked = [int(v) - 1 for v in t({"image": _volume(22)})["image"][0, :, 0, 0]]  # 0-based slices
+        gaps = np.diff(picked)
+        assert len(picked) == 4 and all(5 <= g <= 6 for g in gaps), picked  # stride 22 / 4 = 5.5
+        assert picked[0] <= 5 and picked[-1] >= 16  # the comb spans the whole volume
+        seen.update(picked)
+    assert len(seen) == 22  # every slice is drawn over the epochs
+
+
 def test_axial_slices_of_a_ct_series_are_its_2d_dicom_files_in_monai_order(pydicom_ct_series):
     files = sorted(
         pydicom_ct_series.iterdir(), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2])

@@ -58,7 +58,13 @@ def test_stages_a_b_c_chain_through_init_checkpoint(tmp_path, itk_t1, pydicom_ct
             tmp_path / "models" / "ssl" / f"stage_{stage}" / "checkpoints" / "checkpoint_final.pt"
         ).is_file()
     a, b, c = (_final_network(tmp_path, s) for s in STAGES)
-    assert a.keys() == b.keys() == c.keys()
+    # one key set, but for the volume-level prototype banks: stage C clusters volumes with DeepCluster-v2's
+    # three heads (the default), where A and B keep one unused bank
+    assert a.keys() == b.keys()
+    assert {k for k in c if not k.startswith("inter_prototypes.")} == {
+        k for k in b if not k.startswith("inter_prototypes.")
+    }
+    assert sum(k.startswith("inter_prototypes.") for k in c) == 3
 
     # Stage B starts from A's final weights and freezes the slice encoder: its encoder (BatchNorm statistics
     # included) and the intra-level head and prototypes it does not train are A's final ones, bit for bit.

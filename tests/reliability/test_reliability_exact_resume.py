@@ -1,27 +1,32 @@
-"""Exact resume: a pretraining run killed with SIGKILL at a random moment and resumed with ``--resume True``
-ends with the same weights as an uninterrupted run of the same length (deterministic CPU settings).
+"""Exact resume: a pretraining run killed with SIGKILL in the middle of an epoch and resumed with
+``--resume True`` ends with the same weights as an uninterrupted run of the same length (deterministic CPU
+settings), and proves that it resumed: its ``runs/pretrain/provenance.json`` record names the checkpoint it
+loaded, the iteration it started at and how many it ran (a resume that silently started over would end at
+the same weights too, the runs being deterministic).
 
 What makes it exact: checkpoints at every epoch end hold the network, optimiser, schedule, trainer counters,
 the DeepCluster-v2 banks/assignments/centroids and k-means counter (its seed is ``seed + clusterings``) and
 the torch/NumPy/Python random state; the augmentations are reseeded from ``(seed, epoch, rank)`` at each epoch
 start, so the epoch cut short by the kill is replayed identically.
+
+The kill is deterministic: a handler added by an extra config sends SIGKILL to its own process when a given
+iteration in the middle of epoch 3 completes, so the run always dies after the checkpoints of epochs 1 and 2.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "engines"))  # the bundle-run helpers live there
-from pretrain_bundle_runs import bundle_command, run_bundle, small_real_datalist
+from pretrain_bundle_runs import bundle_command, history, run_bundle, small_real_datalist
 
 pytestmark = pytest.mark.slow
 
@@ -31,43 +36,91 @@ METHODS = {
     "deepcluster": {"intra_method": "deepcluster", "inter_method": "deepcluster", "intra_prototypes": 6},
     "swav": {"intra_method": "swav", "inter_method": "swav"},
 }
+KILL_HANDLER = """
+import os
+import signal
+
+from ignite.engine import Events
+
+
+class KillAt:
+    \"\"\"SIGKILL of the own process when iteration ``iteration`` completes (no clean-up of any kind).\"\"\"
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def attach(self, engine):
+        engine.add_event_handler(
+            Events.ITERATION_COMPLETED(once=self.iteration), lambda _: os.kill(os.getpid(), signal.SIGKILL)
+        )
+"""
 
 
 def _final(root: Path) -> dict:
     return torch.load(root / "models" / "ssl" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
 
 
+def _runs(root: Path) -> list[dict]:
+    return json.loads((root / "runs" / "pretrain" / "provenance.json").read_text())["runs"]
+
+
+def _killed_at(root: Path, iteration: int, datalist: str, method: str) -> int:
+    """Run the bundle with a handler that kills it when ``iteration`` completes; return its exit status."""
+    (root / "kill_at.py").write_text(KILL_HANDLER)
+    extra = root / "kill_at.json"
+    extra.write_text(json.dumps({
+        "kill_at": {"_target_": "kill_at.KillAt", "iteration": iteration},
+        "train#run_handlers": "$@train#handlers + [@kill_at]",
+    }))  # fmt: skip
+    command = bundle_command(root, [extra], datalist=datalist, **SETTINGS, **METHODS[method])
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert result.returncode == -signal.SIGKILL, result.stdout[-3000:] + result.stderr[-6000:]
+    return result.returncode
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_sigkill_at_a_random_iteration_then_resume_gives_the_uninterrupted_weights(method, tmp_path):
+def test_sigkill_mid_epoch_then_resume_loads_the_checkpoint_and_gives_the_uninterrupted_weights(
+    method, tmp_path
+):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     reference.mkdir(), killed.mkdir()
     run_bundle(reference, datalist=str(small_real_datalist(reference)), **SETTINGS, **METHODS[method])
     expected = _final(reference)
     epoch_length = expected["trainer"]["epoch_length"]
-    assert expected["trainer"]["iteration"] == MAX_EPOCHS * epoch_length
+    total = MAX_EPOCHS * epoch_length
+    assert expected["trainer"]["iteration"] == total and epoch_length >= 2
+    [fresh] = _runs(reference)
+    assert fresh["resumed_from"] is None and fresh["start_iteration"] == 0
+    assert fresh["iterations_run"] == fresh["end_iteration"] == total and fresh["completed"]
 
+    # Killed in the middle of epoch 3, after the checkpoints of epochs 1 and 2.
     datalist = str(small_real_datalist(killed))
     checkpoints = killed / "models" / "ssl" / "checkpoints"
-    command = bundle_command(killed, datalist=datalist, **SETTINGS, **METHODS[method])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    delay = random.Random().uniform(0.0, 1.0)  # after the first checkpoint: somewhere in epochs 2-3
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        deadline = time.monotonic() + 240
-        while not list(checkpoints.glob("checkpoint_iteration=*.pt")):
-            assert process.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
-            time.sleep(0.02)
-        time.sleep(delay)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    if (checkpoints / "checkpoint_final.pt").exists():
-        pytest.fail(f"the run finished within {delay:.2f} s after its first checkpoint: not interrupted")
+    _killed_at(killed, 2 * epoch_length + epoch_length // 2, datalist, method)
+    assert not (checkpoints / "checkpoint_final.pt").exists(), "the run was not interrupted"
     saved = sorted(int(p.stem.rsplit("=", 1)[1]) for p in checkpoints.glob("checkpoint_iteration=*.pt"))
-    assert saved and all(i % epoch_length == 0 for i in saved), saved
+    assert saved == [epoch_length, 2 * epoch_length]
+    assert [e["epoch"] for e in history(killed)] == [1, 2]
+    [interrupted] = _runs(killed)
+    assert interrupted["resumed_from"] is None and not interrupted["completed"]
 
     run_bundle(killed, datalist=datalist, resume=True, **SETTINGS, **METHODS[method])
+    # It resumed: loaded the newest checkpoint on disk, started at its iteration and ran only the rest.
+    first, resumed_run = _runs(killed)
+    assert first == interrupted
+    start = saved[-1]
+    assert resumed_run["resumed_from"] is not None
+    assert (
+        Path(resumed_run["resumed_from"]).resolve()
+        == (checkpoints / f"checkpoint_iteration={start}.pt").resolve()
+    )
+    assert resumed_run["start_iteration"] == start > 0 and resumed_run["start_epoch"] == start // epoch_length
+    assert resumed_run["iterations_run"] == total - start
+    assert resumed_run["end_iteration"] == total and resumed_run["completed"]
+    assert [e["epoch"] for e in history(killed)] == list(range(1, MAX_EPOCHS + 1))
+
     resumed = _final(killed)
     assert resumed["trainer"]["iteration"] == expected["trainer"]["iteration"]
     assert resumed["network"].keys() == expected["network"].keys()
