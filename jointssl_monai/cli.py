@@ -6,6 +6,7 @@ Run ``jointssl --help`` for the list of sub-commands and ``jointssl COMMAND --he
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import fire
 
@@ -94,6 +95,33 @@ class JointSSLCommands:
 
         path = package_bundle(bundle_dir, output or f"{name}.zip", name)
         return {"zip": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+    def report(
+        self, run_dir: str, output: str = "report", datalist: str | None = None,
+        checkpoint: str | None = None, max_items: int = 48, network: dict | None = None, device: str = "auto",
+        slice_policy: str = "center",
+    ) -> str:  # fmt: skip
+        """Write a static HTML page with PNG figures of what a pretraining run learned; print its path.
+
+        ``RUN_DIR`` is the run's bundle root (``jointssl demo`` writes ``runs/demo``). Figures: loss curves
+        per component, code entropy and clusters in use over time, cluster occupancy, a PCA (and t-SNE, with
+        scikit-learn) map of slice and volume embeddings, nearest-neighbour slices, attention over slices
+        and, for a fine-tuning output in the same folder, predicted masks with Dice per case. ``datalist``
+        defaults to ``RUN_DIR/datalist.json``; ``network`` overrides what the checkpoint cannot tell (e.g.
+        ``'{"conv1_t_stride": 1}'``); ``slice_policy`` is the run's (``random_stride`` is shown as ``stride``,
+        ``random`` as ``center``). Needs matplotlib: ``pip install "jointssl-monai[report]"``.
+        """
+        from jointssl_monai.apps.report import MissingPlottingError, make_report, require_matplotlib
+
+        try:
+            require_matplotlib()
+        except MissingPlottingError as err:
+            print(err, file=sys.stderr)
+            sys.exit(2)
+        page = make_report(
+            run_dir, output, datalist, checkpoint, max_items, network, device, slice_policy=slice_policy
+        )
+        return str(page)
 
     def fetch_bundle(self, url: str, bundle_dir: str, name: str, hash_val: str | None = None) -> str:
         """Download a bundle zip (http(s):// or file://), check its hash and entries, extract it safely."""

@@ -3,13 +3,14 @@
 #
 #   bash scripts/setup.sh          # the package, its dependencies and the real sample images
 #   bash scripts/setup.sh --test   # the same plus the test tools
-#   bash scripts/setup.sh --dev    # the same plus ruff and mypy
+#   bash scripts/setup.sh --dev    # the same plus ruff, mypy, matplotlib and headless Chromium (report test)
 #
 # torch is installed first and pinned (TORCH_SPEC, default torch==2.13.0, a CPU build), so that pip never pulls a
 # multi-GB CUDA build on a CPU machine. GPU users: create .venv and install the CUDA build of torch they want into
 # it before running this script; an installed torch is kept.
-# The real sample images come from Debian packages (mricron-data, insighttoolkit5-examples); they are installed
-# when apt-get can run as root, otherwise the script says what to install (set JOINTSSL_SKIP_APT=1 to skip).
+# The real sample images come from Debian packages (mricron-data, insighttoolkit5-examples), and with --dev the
+# test of `jointssl report` opens its page in Debian's headless Chromium (chromium, chromium-driver); they are
+# installed when apt-get can run as root, otherwise the script says what to install (JOINTSSL_SKIP_APT=1 skips).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -26,6 +27,8 @@ python=${PYTHON:-python3}
 venv=.venv
 torch_spec=${TORCH_SPEC:-torch==2.13.0}
 debian_data="mricron-data insighttoolkit5-examples"
+debian_packages=$debian_data
+if [ "$extras" = dev ]; then debian_packages="$debian_packages chromium chromium-driver"; fi
 
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
@@ -38,14 +41,15 @@ echo "setup: installing jointssl_monai${extras:+[$extras]}"
 "${pip[@]}" -e ".${extras:+[$extras]}"
 
 if [ "${JOINTSSL_SKIP_APT:-0}" != 1 ]; then
-  if dpkg -s $debian_data >/dev/null 2>&1; then
+  if dpkg -s $debian_packages >/dev/null 2>&1; then
     :
   elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    echo "setup: installing the Debian sample-image packages: $debian_data"
+    echo "setup: installing the Debian packages: $debian_packages"
     apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $debian_data >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $debian_packages >/dev/null
   else
-    echo "setup: the real sample images need: sudo apt-get install -y $debian_data" >&2
+    echo "setup: the real sample images (and, with --dev, the report test's browser) need:" \
+      "sudo apt-get install -y $debian_packages" >&2
   fi
 fi
 "$venv/bin/jointssl" version >/dev/null

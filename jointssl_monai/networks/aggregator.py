@@ -46,14 +46,26 @@ class FullAttention1D(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, valid: torch.Tensor | None = None, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attend over slices; ``return_attention`` also returns the softmax weights ``(B, heads, S, S)``
+        (float32, without dropout; computed beside the output, which does not change)."""
         b, s, _ = x.shape
         q, k, v = self.to_qkv(x).reshape(b, s, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         mask = None if valid is None else valid[:, None, None, :]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.to_out(out.transpose(1, 2).reshape(b, s, -1))
+        out = self.to_out(out.transpose(1, 2).reshape(b, s, -1))
+        if not return_attention:
+            return out
+        with torch.no_grad():
+            logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.dim_head)
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            attention = logits.softmax(dim=-1)
+        return out, attention
 
 
 class SliceTransformerLayer(nn.Module):
@@ -96,9 +108,17 @@ class SliceTransformerLayer(nn.Module):
         self.drop1 = nn.Dropout(dropout)
         self.drop2 = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.drop1(self.attn(x, valid)))
-        return self.norm2(x + self.drop2(self.ff(x)))
+    def forward(
+        self, x: torch.Tensor, valid: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One layer; ``return_attention`` also returns the attention over slices ``(B, heads, S, S)``."""
+        if return_attention:
+            a, attention = self.attn(x, valid, return_attention=True)
+        else:
+            a = self.attn(x, valid)
+        x = self.norm1(x + self.drop1(a))
+        x = self.norm2(x + self.drop2(self.ff(x)))
+        return (x, attention) if return_attention else x
 
 
 class SliceAggregator(nn.Module):
@@ -145,17 +165,20 @@ class SliceAggregator(nn.Module):
         )
 
     def forward(
-        self, tokens: torch.Tensor, valid: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, tokens: torch.Tensor, valid: torch.Tensor | None = None, return_attention: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """Contextualise slice tokens and pool them.
 
         Args:
             tokens: ``(B, S, d_model)`` slice embeddings.
             valid: optional ``(B, S)`` bool, True at real slices (a prefix of every row).
+            return_attention: also return the attention over slices of every layer, a list of
+                ``(B, heads, S, S)`` float32 tensors (query slice, key slice; see
+                :meth:`DeformableAttention1D.forward`). The outputs do not change.
 
         Returns:
             ``(B, S, d_model)`` output tokens (zeros at padded slices) and ``Z``, ``(B, d_model)``, the mean
-            of the output tokens over valid slices.
+            of the output tokens over valid slices; then the attention list if asked.
         """
         if tokens.ndim != 3 or tokens.shape[-1] != self.d_model:
             raise ValueError(
@@ -168,8 +191,13 @@ class SliceAggregator(nn.Module):
         x = tokens
         if self.position_encoding:
             x = x + sinusoidal_position_encoding(s, self.d_model, tokens.device, tokens.dtype)
+        attentions = []
         for layer in self.layers:
-            x = layer(x, valid)
+            if return_attention:
+                x, attention = layer(x, valid, return_attention=True)
+                attentions.append(attention)
+            else:
+                x = layer(x, valid)
         x = x * valid[..., None]
         z = x.sum(dim=1) / lengths[:, None].to(x.dtype)
-        return x, z
+        return (x, z, attentions) if return_attention else (x, z)

@@ -262,17 +262,26 @@ class DeformableAttention1D(nn.Module):
         return (self.offset_scale * torch.tanh(off)).reshape(b, h, num_points)
 
     def forward(
-        self, x: torch.Tensor, valid: torch.Tensor | None = None, return_positions: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        return_positions: bool = False,
+        return_attention: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Attend over slices.
 
         Args:
             x: ``(B, S, dim)`` tokens.
             valid: optional ``(B, S)`` bool, True at real slices (a prefix of every row).
             return_positions: also return the sampling positions ``(B, heads, M)`` in slice units.
+            return_attention: also return the attention over slices ``(B, heads, S, S)`` (float32, without
+                dropout): the softmax weights of the key/value points spread onto the slices they
+                interpolate, so that ``to_out(attention @ values)`` is the output in eval mode (``values``:
+                ``to_v(x)`` split into heads). A query's row sums to at most 1 (points outside the sequence
+                read zeros); rows of padded queries mean nothing. The output is computed as without it.
 
         Returns:
-            ``(B, S, dim)`` outputs (and the positions if asked).
+            ``(B, S, dim)`` outputs, then the positions and the attention, each if asked.
         """
         if x.ndim != 3:
             raise ValueError(f"DeformableAttention1D: tokens must be (B, S, dim), got {tuple(x.shape)}.")
@@ -330,4 +339,14 @@ class DeformableAttention1D(nn.Module):
             q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
         )
         out = self.to_out(out.transpose(1, 2).reshape(b, s, h * dh))
-        return (out, pos) if return_positions else out
+        extra: list[torch.Tensor] = [pos] if return_positions else []
+        if return_attention:
+            with torch.no_grad():
+                logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(dh) + bias.float()
+                weights = logits.softmax(dim=-1)  # (B, H, S, M)
+                attention = weights.new_zeros(b, h, s, s)
+                for idx, w in ((lo_i, w_lo), (hi_i, w_hi)):
+                    index = torch.minimum(idx.clamp(min=0), last)[:, :, None, :].expand(-1, -1, s, -1)
+                    attention.scatter_add_(3, index, weights * w.float()[:, :, None, :])
+            extra.append(attention)
+        return (out, *extra) if extra else out
