@@ -1,11 +1,21 @@
-"""Helpers of the bundle pretraining tests: a small real data set and a tiny model configuration."""
+"""Helpers of the bundle pretraining tests: a small real data set and a tiny model configuration.
+
+The last helpers run *inside* bundle runs (``"+imports": ["$import pretrain_bundle_runs"]`` in an extra
+config, with this folder on ``PYTHONPATH``); they make the weights of runs with different numbers of processes
+comparable (see ``test_pretrain_multiprocess_weights.py`` and ``tests/transfer/test_transfer_multigpu.py``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
 
 from jointssl_monai.data.sources import demo_datalist
 from jointssl_monai.workflows import find_bundle_dir, pretrain_command
@@ -66,4 +76,81 @@ def history(root: Path) -> list[dict]:
     return json.loads((root / "runs" / "pretrain" / "history.json").read_text())["epochs"]
 
 
-__all__ = ["CONFIGS", "TINY", "bundle_command", "history", "run_bundle", "small_real_datalist"]
+def freeze_batchnorm_statistics(network: torch.nn.Module) -> None:
+    """Make every BatchNorm layer normalise with its running statistics, which then stay at their values.
+
+    For comparisons across process counts only: SyncBatchNorm refuses CPU tensors, and per-process batch
+    statistics make the forward pass depend on how the global batch is split. The BatchNorm weights and biases
+    still train (with the same gradients as before, less the batch-statistics term).
+    """
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            # runs inside the module's own call, after every .train() of the trainer; returns None: same input
+            module.register_forward_pre_hook(lambda bn, _inputs: setattr(bn, "training", False))
+
+
+def seed_augmentation_per_item(dataset: Any, epoch: Callable[[], int]) -> None:
+    """Seed the dataset's random transforms from (dataset index, epoch) before every item.
+
+    The library seeds one augmentation stream per (epoch, rank) and draws from it item after item, so the
+    augmentations of an item depend on the rank that loads it and on what that rank loaded before; this makes
+    them a function of the item alone, so that two processes and one process draw the same views.
+    """
+    transform_item = dataset._transform
+
+    def seeded(index: int) -> Any:
+        dataset.transform.set_random_state(seed=(int(epoch()) * 1_000_003 + int(index)) % 2**32)
+        return transform_item(index)
+
+    dataset._transform = seeded
+
+
+def pretrain_batch_items(batch: dict) -> dict:
+    """The dataset indices of a collated pretraining batch."""
+    return {kind: [] if batch[f"{kind}_index"] is None else batch[f"{kind}_index"].tolist()
+            for kind in ("volume", "image")}  # fmt: skip
+
+
+def supervised_batch_items(batch: dict) -> dict:
+    """The files and a fingerprint of the crops of a collated supervised batch."""
+    image = batch["image"]
+    return {"files": [str(f) for f in image.meta["filename_or_obj"]],
+            "crop_sums": image.flatten(1).sum(1).tolist()}  # fmt: skip
+
+
+def save_state_at_end(trainer: Any, network: torch.nn.Module, folder: str, describe: Callable) -> None:
+    """Record the network's state_dict when the run starts and what every iteration loads; when the run
+    completes, save both with the final state_dict as ``rank<r>.pt`` (``single.pt`` without a process group)
+    in ``folder``."""
+    from ignite.engine import Events
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+
+    record: dict[str, Any] = {"batches": []}
+    trainer.add_event_handler(Events.STARTED, lambda e: record.update(initial=snapshot()))
+    trainer.add_event_handler(
+        Events.ITERATION_STARTED, lambda e: record["batches"].append(describe(e.state.batch))
+    )
+
+    def save(engine: Any) -> None:
+        name = f"rank{dist.get_rank()}" if dist.is_available() and dist.is_initialized() else "single"
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        torch.save({**record, "state": snapshot()}, Path(folder) / f"{name}.pt")
+
+    trainer.add_event_handler(Events.COMPLETED, save)
+
+
+__all__ = [
+    "CONFIGS",
+    "TINY",
+    "bundle_command",
+    "freeze_batchnorm_statistics",
+    "history",
+    "pretrain_batch_items",
+    "run_bundle",
+    "save_state_at_end",
+    "seed_augmentation_per_item",
+    "small_real_datalist",
+    "supervised_batch_items",
+]
