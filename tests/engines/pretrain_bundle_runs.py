@@ -81,7 +81,7 @@ def freeze_batchnorm_statistics(network: torch.nn.Module) -> None:
 
     For comparisons across process counts only: SyncBatchNorm refuses CPU tensors, and per-process batch
     statistics make the forward pass depend on how the global batch is split. The BatchNorm weights and biases
-    still train (with the same gradients as before, less the batch-statistics term).
+    still train; the running statistics keep their initial values (and can still be compared).
     """
     for module in network.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):

@@ -1,0 +1,37 @@
+"""Per-modality intensity scaling against values computed by hand: CT by a fixed Hounsfield window, the other
+modalities by their own percentiles, both clamped to [0, 1]."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jointssl_monai.data import BadInputError, ScaleIntensityByModalityd
+
+
+def test_ct_uses_the_fixed_hounsfield_window_and_clamps():
+    hu = torch.tensor([[-3000.0, -1000.0, -500.0, 0.0, 400.0, 1000.0, 3000.0]])
+    out = ScaleIntensityByModalityd(ct_window=(-1000.0, 1000.0))({"image": hu, "modality": "ct"})["image"]
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.0, 0.25, 0.5, 0.7, 1.0, 1.0]]))
+    # the window, not the image's own range: the same values scaled by 10 are not rescaled back
+    out10 = ScaleIntensityByModalityd()({"image": hu / 10, "modality": "CT"})["image"]
+    torch.testing.assert_close(out10, (hu / 10 + 1000) / 2000)
+
+
+def test_other_modalities_use_their_percentiles_and_clamp():
+    gen = torch.Generator().manual_seed(0)
+    mr = torch.rand(1, 20, 20, 5, generator=gen) * 900 + 100
+    mr[0, 0, 0, 0], mr[0, 1, 1, 1] = 1e5, -1e5  # outliers beyond the 1st/99th percentiles
+    out = ScaleIntensityByModalityd(percentiles=(1.0, 99.0))({"image": mr, "modality": "MR"})["image"]
+    low, high = np.percentile(mr.numpy(), [1.0, 99.0])
+    expected = np.clip((mr.numpy() - low) / (high - low), 0.0, 1.0)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert float(out.min()) == 0.0 and float(out.max()) == 1.0
+    clamped = float(((out == 0) | (out == 1)).float().mean())
+    assert 0.01 <= clamped <= 0.03  # about 1 % below the 1st and 1 % above the 99th percentile
+
+
+def test_an_almost_constant_image_is_refused_by_name():
+    with pytest.raises(BadInputError, match="no intensity range"):
+        ScaleIntensityByModalityd()({"image": torch.ones(1, 4, 4, 4), "modality": "MR", "source": "flat.nii"})
