@@ -256,8 +256,13 @@ def check_dicom_dataset(ds, path: str | os.PathLike, max_voxels: int = DEFAULT_M
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError) as err:
         raise BadInputError(path, "DICOM file has pixel data but no valid Rows/Columns") from err
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError) as err:  # e.g. NumberOfFrames '1A' (pydicom's badVR.dcm)
+        raise BadInputError(
+            path, f"DICOM header has an invalid NumberOfFrames or SamplesPerPixel ({err})"
+        ) from err
     _check_shape(path, (frames, rows, cols, samples), max_voxels, "DICOM header")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if "PixelData" in ds and (syntax is None or not syntax.is_compressed):

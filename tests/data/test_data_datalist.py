@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -117,3 +118,14 @@ def test_cli_datalist_command(pydicom_ct_series, tmp_path, capsys):
     assert entry["modality"] == "CT"  # the DICOM tag wins over the mapping for non-DICOM files
     assert len(entry["image"]) == 5 and all(p.startswith("../") for p in entry["image"])
     assert "found 1 volume(s) and 0 2D image(s)" in capsys.readouterr().out
+
+
+def test_invalid_number_of_frames_is_a_named_skip_not_a_crash(tmp_path):
+    """pydicom's own badVR.dcm holds NumberOfFrames '1A': skipped with its reason, or refused by name."""
+    source = Path(pydicom.__file__).parent / "data" / "test_files" / "badVR.dcm"
+    shutil.copy(source, tmp_path / "badVR.dcm")
+    entries, summary = build_datalist([tmp_path], skip_bad_inputs=True)
+    assert entries == []
+    assert "NumberOfFrames" in str(summary)
+    with pytest.raises(BadInputError, match=r"badVR\.dcm.*NumberOfFrames"):
+        build_datalist([tmp_path])
