@@ -70,7 +70,7 @@ class ScaleIntensityByModalityd(MapTransform):
             if modality in self.window_modalities:
                 low, high = self.ct_window
             else:
-                flat = img.reshape(-1).float()
+                flat = img.reshape(-1).double()  # float64: finite extremes (+/-3e38) must not overflow
                 if flat.numel() > 2**24:  # quantile limit of torch; a strided subsample estimates it well
                     flat = flat[:: flat.numel() // 2**23 + 1]
                 q = torch.quantile(flat, torch.tensor([p / 100 for p in self.percentiles], dtype=flat.dtype))
@@ -81,7 +81,8 @@ class ScaleIntensityByModalityd(MapTransform):
                         f"no intensity range between the {self.percentiles} percentiles "
                         "(almost constant image)",
                     )
-            d[key] = ((img - low) / (high - low)).clamp(0.0, 1.0)
+            scaled = (img.double() - low) / (high - low)  # float64: high - low may exceed float32's range
+            d[key] = scaled.clamp(0.0, 1.0).to(img.dtype if img.is_floating_point() else torch.float32)
         return d
 
 

@@ -35,3 +35,16 @@ def test_other_modalities_use_their_percentiles_and_clamp():
 def test_an_almost_constant_image_is_refused_by_name():
     with pytest.raises(BadInputError, match="no intensity range"):
         ScaleIntensityByModalityd()({"image": torch.ones(1, 4, 4, 4), "modality": "MR", "source": "flat.nii"})
+
+
+def test_finite_extreme_values_give_finite_output():
+    """A valid float32 volume whose values reach +/-3e38: the statistics must not overflow to inf/NaN."""
+    gen = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 10, 10, 10, generator=gen)
+    img[0, 0, 0, :5], img[0, 1, 1, :5] = 3e38, -3e38
+    for percentiles in ((0.5, 99.5), (0.0, 100.0)):
+        out = ScaleIntensityByModalityd(percentiles=percentiles)({"image": img, "modality": "MR"})["image"]
+        assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+        assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    # with the full range, the ordinary voxels sit at the middle, distinguishable only in float64
+    assert float(out[0, 5, 5, 5]) == pytest.approx(0.5, abs=1e-6)
