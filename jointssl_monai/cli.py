@@ -86,14 +86,22 @@ class JointSSLCommands:
         return report.summary()
 
     def package(
-        self, bundle_dir: str = "bundle", output: str | None = None, name: str = "jointssl_brain_extraction"
+        self,
+        bundle_dir: str = "bundle",
+        output: str | None = None,
+        name: str = "jointssl_brain_extraction",
+        include_ssl: bool = False,
     ) -> dict:
-        """Zip the bundle like a model-zoo release (``<name>/configs/...``, deterministic) with its sha256."""
+        """Zip the bundle like a model-zoo release (``<name>/configs/...``, deterministic) with its sha256.
+
+        Run outputs are left out; ``--include_ssl True`` also ships ``models/ssl`` (encoder, card,
+        aggregator; never its checkpoints).
+        """
         import hashlib
 
         from jointssl_monai.utils.bundle_io import package_bundle
 
-        path = package_bundle(bundle_dir, output or f"{name}.zip", name)
+        path = package_bundle(bundle_dir, output or f"{name}.zip", name, include_ssl=include_ssl)
         return {"zip": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
     def report(

@@ -27,6 +27,7 @@ import yaml
 
 __all__ = [
     "DEFAULT_EXCLUDE",
+    "SSL_OUTPUTS",
     "BundleArchiveError",
     "fetch_bundle",
     "inspect_zip",
@@ -56,10 +57,15 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     "runs",
     "logs",
     "mlruns",
+    "eval",
+    "cache",
     "*.log",
     "*.tmp",
+    "*.ts",
     "models/ssl/checkpoints",
 )
+#: Left out unless ``include_ssl``: the self-supervised outputs of a pretraining run in the bundle folder.
+SSL_OUTPUTS = "models/ssl"
 
 _BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _HASHES = ("md5", "sha1", "sha256", "sha512")
@@ -334,12 +340,14 @@ def package_bundle(
     output_zip: str | os.PathLike,
     name: str,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    include_ssl: bool = False,
 ) -> Path:
     """Write a deterministic model-zoo style zip (``<name>/configs/...``) of a bundle folder.
 
     Entries are sorted, stamped with a fixed time and mode, and compressed with a fixed level, so packaging
     the same files twice gives the same bytes (and the same hash to publish). The zip is written to a
-    temporary file and renamed into place.
+    temporary file and renamed into place, readable by everyone (mode 0644, as a published file should be).
+    Run outputs (TensorBoard logs, evaluation outputs, caches, TorchScript exports, checkpoints) are left out.
 
     Args:
         bundle_dir: the bundle root (must hold ``configs/metadata.json``).
@@ -347,6 +355,8 @@ def package_bundle(
         name: the bundle name, the archive's top folder: letters, digits, ``_`` and ``-`` (MONAI derives the
             folder it checks from the zip name up to its first dot).
         exclude: patterns of paths to leave out, see :data:`DEFAULT_EXCLUDE`.
+        include_ssl: also package ``models/ssl`` (the pretrained encoder, its card and the aggregator; never
+            its checkpoints), for a release that ships the self-supervised weights.
 
     Returns:
         ``output_zip`` as a :class:`~pathlib.Path`.
@@ -360,6 +370,7 @@ def package_bundle(
     if not (bundle_dir / "configs" / "metadata.json").is_file():
         raise ValueError(f"{bundle_dir} is not a bundle: configs/metadata.json is missing")
     output_real = output_zip.resolve()
+    exclude = tuple(exclude) if include_ssl else (*exclude, SSL_OUTPUTS)
     files: list[tuple[str, Path]] = []
     for folder, dirnames, filenames in os.walk(bundle_dir):
         folder_path = Path(folder)
@@ -384,6 +395,7 @@ def package_bundle(
                 info.create_system = 3  # unix, so the mode bits below mean the same on every platform
                 info.external_attr = (stat.S_IFREG | 0o644) << 16
                 archive.writestr(info, path.read_bytes(), compresslevel=9)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private (0600)
         os.replace(tmp_name, output_zip)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

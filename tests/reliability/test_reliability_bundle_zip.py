@@ -38,6 +38,9 @@ def bundle_copy(tmp_path) -> Path:
         "models/ssl/checkpoints/checkpoint_epoch=3.pt",
         "models/.model.pt.abc123.tmp",
         "eval.log",
+        "eval/case_seg.nii.gz",
+        "runs/pretrain/cache/ab12.pt",
+        "models/model.ts",
     ]
     for rel in junk:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -56,10 +59,13 @@ def test_package_is_deterministic_sorted_and_excludes_run_outputs(bundle_copy, t
         names = archive.namelist()
         assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
     assert names == sorted(names)
-    expected = {f"{NAME}/{rel}" for rel in _tree(BUNDLE)} | {f"{NAME}/models/ssl/encoder.pt"}
-    assert set(names) == expected
+    assert set(names) == {f"{NAME}/{rel}" for rel in _tree(BUNDLE)}  # no run output, no SSL weights
     assert f"{NAME}/configs/metadata.json" in names
     assert list(tmp_path.joinpath("a").iterdir()) == [first], "no temporary file left next to the zip"
+    assert stat.S_IMODE(first.stat().st_mode) == 0o644, "a release must be readable by everyone"
+    with_ssl = package_bundle(bundle_copy, tmp_path / "c" / f"{NAME}.zip", NAME, include_ssl=True)
+    ssl_names = set(zipfile.ZipFile(with_ssl).namelist()) - set(names)
+    assert ssl_names == {f"{NAME}/models/ssl/encoder.pt"}  # never the checkpoints
 
 
 def test_package_into_the_bundle_itself_and_bad_names(bundle_copy, tmp_path):
@@ -76,7 +82,7 @@ def test_package_into_the_bundle_itself_and_bad_names(bundle_copy, tmp_path):
 
 
 def test_packaged_bundle_extracts_to_the_same_files(bundle_copy, tmp_path):
-    archive = package_bundle(bundle_copy, tmp_path / f"{NAME}.zip", NAME)
+    archive = package_bundle(bundle_copy, tmp_path / f"{NAME}.zip", NAME, include_ssl=True)
     out = safe_extract_zip(archive, tmp_path / "out", expected_top=NAME)
     assert out == tmp_path / "out" / NAME
     assert _tree(out) == _tree(BUNDLE) | {"models/ssl/encoder.pt": b"kept: published SSL weights"}
