@@ -107,7 +107,7 @@ class JointSSLCommands:
     def report(
         self, run_dir: str, output: str = "report", datalist: str | None = None,
         checkpoint: str | None = None, max_items: int = 48, network: dict | None = None, device: str = "auto",
-        slice_policy: str = "center",
+        slice_policy: str = "center", value_json: str | None = None,
     ) -> str:  # fmt: skip
         """Write a static HTML page with PNG figures of what a pretraining run learned; print its path.
 
@@ -117,7 +117,9 @@ class JointSSLCommands:
         and, for a fine-tuning output in the same folder, predicted masks with Dice per case. ``datalist``
         defaults to ``RUN_DIR/datalist.json``; ``network`` overrides what the checkpoint cannot tell (e.g.
         ``'{"conv1_t_stride": 1}'``); ``slice_policy`` is the run's (``random_stride`` is shown as ``stride``,
-        ``random`` as ``center``). Needs matplotlib: ``pip install "jointssl-monai[report]"``.
+        ``random`` as ``center``). ``value_json``: the value benchmark's results (default
+        ``RUN_DIR/bench_results/ssl_value.json`` when present) as a figure and a table of paired gains. Needs
+        matplotlib: ``pip install "jointssl-monai[report]"``.
         """
         from jointssl_monai.apps.report import MissingPlottingError, make_report, require_matplotlib
 
@@ -127,7 +129,15 @@ class JointSSLCommands:
             print(err, file=sys.stderr)
             sys.exit(2)
         page = make_report(
-            run_dir, output, datalist, checkpoint, max_items, network, device, slice_policy=slice_policy
+            run_dir,
+            output,
+            datalist,
+            checkpoint,
+            max_items,
+            network,
+            device,
+            slice_policy=slice_policy,
+            value_json=value_json,
         )
         return str(page)
 

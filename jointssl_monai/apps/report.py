@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from jointssl_monai.apps.value_report import VALUE_FILE, draw_value, load_value_results, value_table
+
 __all__ = [
     "DPI",
     "FIGURES",
@@ -75,6 +77,7 @@ FIGURES: dict[str, tuple[str, tuple[int, int]]] = {
     "nearest_neighbours.png": ("Nearest-neighbour slices", (12, 8)),
     "slice_attention.png": ("Attention over slices", (12, 4)),
     "segmentation_overlays.png": ("Segmentation overlays", (12, 6)),
+    "ssl_value.png": ("Does the pretraining help? (value benchmark)", (12, 6)),
 }
 LOSSES = (
     ("loss", "total (weighted sum)"),
@@ -979,10 +982,15 @@ CAPTIONS = {
         "Fine-tuned predictions (red) and reference masks (green outline) on real slices, Dice per case on "
         "the image's own grid."
     ),
+    "ssl_value.png": (
+        "Every seed's score of the value benchmark (bench_results/ssl_value.json) per task and setting, by "
+        "initialisation; grey lines join the SSL and random runs of one seed. The table gives the means and "
+        "the paired gain with its 95 % interval."
+    ),
 }
 
 
-def _page(title: str, summary, warnings, figures, notes, segmentation_note: str = "") -> str:
+def _page(title: str, summary, warnings, figures, notes, segmentation_note: str = "", value=None) -> str:
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -1011,6 +1019,11 @@ def _page(title: str, summary, warnings, figures, notes, segmentation_note: str 
             f'<figure><img src="{esc(name)}" width="{w}" height="{h}" alt="{esc(heading)}">',
             f"<figcaption>{esc(caption)}</figcaption></figure>",
         ]
+    if value is not None:  # the value benchmark's table, under its figure
+        header, rows = value
+        parts.append("<table><tr>" + "".join(f"<td><b>{esc(h)}</b></td>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
     if "segmentation_overlays.png" not in figures:
         parts.append(
             f'<h2 id="segmentation_overlays">Segmentation overlays</h2><p>{esc(segmentation_note)}</p>'
@@ -1033,6 +1046,7 @@ def make_report(
     device: str = "auto",
     seed: int = 0,
     slice_policy: str = "center",
+    value_json: str | Path | None = None,
 ) -> Path:
     """Write ``output/index.html`` with the PNG figures beside it and ``output/report.json`` (what was drawn,
     Dice per case, notes); return the page's path.
@@ -1049,6 +1063,8 @@ def make_report(
         seed: seed of t-SNE.
         slice_policy: the run's ``slice_policy`` (not recorded in the run folder); a random one is replaced by
             its deterministic counterpart (``random`` by ``center``, ``random_stride`` by ``stride``).
+        value_json: the value benchmark's results (default ``run_dir/bench_results/ssl_value.json`` when it
+            exists): a figure of every seed and a table of paired gains close the page.
 
     Raises:
         MissingPlottingError: matplotlib is not installed.
@@ -1141,11 +1157,21 @@ def make_report(
             + ")",
         )
 
+    value = None
+    value_file = Path(value_json) if value_json else run.root / VALUE_FILE
+    if value_json or value_file.is_file():
+        value_rows = load_value_results(value_file)["rows"]
+        fig = _figure("ssl_value.png")
+        draw_value(fig.add_subplot(), value_rows)
+        _save(fig, out / "ssl_value.png")
+        add("ssl_value.png")
+        value = value_table(value_rows)
+
     warnings = collapse_warnings(run.history)
     summary = _summary_rows(run, kwargs, emb, epoch_length)
     title = f"jointssl report: {run.root.resolve().name}"
     page = out / "index.html"
-    page.write_text(_page(title, summary, warnings, figures, notes, seg_note), encoding="utf-8")
+    page.write_text(_page(title, summary, warnings, figures, notes, seg_note, value), encoding="utf-8")
     manifest = {
         "run_dir": str(run.root),
         "checkpoint": str(run.checkpoint) if run.checkpoint else None,
@@ -1154,6 +1180,7 @@ def make_report(
         ],
         "warnings": warnings,
         "segmentation": {"note": seg_note, "cases": dice_rows},
+        "value": None if value is None else {"header": value[0], "rows": value[1]},
         "notes": notes,
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -132,6 +132,19 @@ def _add_finetuning_output(root: Path) -> float:
     return 2.0 * float((prediction & mask).sum()) / float(prediction.sum() + mask.sum())
 
 
+def _add_value_results(root: Path) -> list[dict]:
+    """A value-benchmark result file in the run folder (the report draws it when present)."""
+    rows = [
+        {"task": "brain extraction", "setting": "probe, 2 slices", "init": init, "seed": seed, "score": score}
+        for seed in range(5)
+        for init, score in (("ssl", 0.80 + 0.01 * seed), ("random", 0.75 + 0.01 * seed + 0.02 * (seed == 0)))
+    ]
+    rows += [{**r, "init": "threshold", "score": 0.7} for r in rows if r["init"] == "ssl"]
+    (root / "bench_results").mkdir(exist_ok=True)
+    (root / "bench_results" / "ssl_value.json").write_text(json.dumps({"metric": "dice", "rows": rows}))
+    return rows
+
+
 def test_report_figures_load_in_headless_chromium(pretrained_run, tmp_path, itk_t1, itk_t1_skullstrip):
     from PIL import Image
 
@@ -140,6 +153,7 @@ def test_report_figures_load_in_headless_chromium(pretrained_run, tmp_path, itk_
 
     browser = _chromium()
     expected_dice = _add_finetuning_output(pretrained_run)
+    value_rows = _add_value_results(pretrained_run)
     output = tmp_path / "site" / "report"
     page = Path(JointSSLCommands().report(str(pretrained_run), output=str(output), device="cpu"))
     assert page == output / "index.html" and page.is_file()
@@ -165,6 +179,9 @@ def test_report_figures_load_in_headless_chromium(pretrained_run, tmp_path, itk_
     text = page.read_text()
     assert f"Dice {expected_dice:.3f}" in text
     assert re.findall(r'<img src="([^"]+)"', text) == names
+    # the value benchmark's table: ssl +0.05 over random on every seed but one
+    assert manifest["value"]["rows"][0][:2] == ["brain extraction", "probe, 2 slices"]
+    assert html.escape(manifest["value"]["rows"][0][-1]) in text and len(value_rows) == 15
 
     seen = _images_seen_by_chromium(output.parent, browser, tmp_path / "chromium-profile")
     assert [s["src"] for s in seen] == names

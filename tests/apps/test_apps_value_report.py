@@ -1,0 +1,58 @@
+"""The value benchmark's page: paired gains and their 95 % intervals against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from jointssl_monai.apps.value_report import load_value_results, paired_gain, value_table
+
+
+def _rows(gains, seeds=None):
+    seeds = list(range(len(gains))) if seeds is None else seeds
+    rows = [{"task": "t", "setting": "s", "init": "random", "seed": s, "score": 0.5} for s in seeds]
+    rows += [
+        {"task": "t", "setting": "s", "init": "ssl", "seed": s, "score": 0.5 + g}
+        for s, g in zip(seeds, gains, strict=True)
+    ]
+    return rows
+
+
+def test_paired_gain_is_the_mean_difference_with_a_student_t_interval():
+    gains = [0.02, 0.05, -0.01, 0.04, 0.03]
+    result = paired_gain(_rows(gains))
+    mean = sum(gains) / 5
+    sd = math.sqrt(sum((g - mean) ** 2 for g in gains) / 4)
+    half = 2.776 * sd / math.sqrt(5)  # t(0.975, df=4)
+    assert result["pairs"] == 5
+    assert result["gain"] == pytest.approx(mean) and result["low"] == pytest.approx(mean - half)
+    assert result["high"] == pytest.approx(mean + half)
+    # only seeds present in both arms are paired; one pair is no interval
+    unpaired = [
+        *_rows([0.1, 0.2, 0.3]),
+        {"task": "t", "setting": "s", "init": "ssl", "seed": 9, "score": 9.0},
+    ]
+    assert paired_gain(unpaired)["gain"] == pytest.approx(0.2)
+    assert paired_gain(_rows([0.1])) is None
+
+
+def test_table_lists_every_initialisation_and_the_gain():
+    rows = [
+        *_rows([0.1, 0.1, 0.1]),
+        {"task": "t", "setting": "s", "init": "threshold", "seed": 0, "score": 0.9},
+    ]
+    header, table = value_table(rows)
+    assert header[2:4] == ["ssl (mean, n)", "random (mean, n)"] and header[4] == "threshold (mean, n)"
+    assert table == [["t", "s", "0.600 (3)", "0.500 (3)", "0.900 (1)", "+0.100 [+0.100, +0.100] (3 pairs)"]]
+
+
+def test_bad_result_files_are_named(tmp_path):
+    path = tmp_path / "ssl_value.json"
+    path.write_text(json.dumps({"rows": [{"task": "t", "setting": "s", "init": "ssl", "seed": 0}]}))
+    with pytest.raises(ValueError, match=r"ssl_value\.json: rows\[0\] lacks \['score'\]"):
+        load_value_results(path)
+    path.write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="non-empty 'rows'"):
+        load_value_results(path)
