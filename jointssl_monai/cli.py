@@ -128,17 +128,21 @@ class JointSSLCommands:
         except MissingPlottingError as err:
             print(err, file=sys.stderr)
             sys.exit(2)
-        page = make_report(
-            run_dir,
-            output,
-            datalist,
-            checkpoint,
-            max_items,
-            network,
-            device,
-            slice_policy=slice_policy,
-            value_json=value_json,
-        )
+        try:
+            page = make_report(
+                run_dir,
+                output,
+                datalist,
+                checkpoint,
+                max_items,
+                network,
+                device,
+                slice_policy=slice_policy,
+                value_json=value_json,
+            )
+        except (FileNotFoundError, ValueError) as err:  # not a run folder, a bad value file: one line, exit 2
+            print(f"jointssl report: {err}", file=sys.stderr)
+            sys.exit(2)
         return str(page)
 
     def fetch_bundle(self, url: str, bundle_dir: str, name: str, hash_val: str | None = None) -> str:

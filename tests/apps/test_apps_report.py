@@ -202,6 +202,21 @@ def test_report_without_matplotlib_names_the_extra(monkeypatch, capsys, tmp_path
     assert not (tmp_path / "report").exists()
 
 
+def test_report_of_a_folder_that_is_no_run_is_one_line_and_exit_2(capsys, tmp_path):
+    from jointssl_monai.apps.report import require_matplotlib
+    from jointssl_monai.cli import JointSSLCommands
+
+    try:
+        require_matplotlib()
+    except ImportError:
+        _missing("matplotlib is not installed")
+    with pytest.raises(SystemExit) as exit_info:
+        JointSSLCommands().report(str(tmp_path / "nothing"), output=str(tmp_path / "report"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing" in err and "Traceback" not in err
+
+
 COMMON = {
     "backbone": "resnet10", "d_model": 32, "proj_hidden_dim": 24, "proj_dim": 16, "num_layers": 2,
     "ff_dim": 40, "intra_prototypes": 6, "inter_prototypes": [2, 3], "mask_decoder_hidden_dim": 20,
