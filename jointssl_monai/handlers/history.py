@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from ignite.engine import Events
 
 from jointssl_monai.engines.trainer import DIAGNOSTIC_SUFFIXES, iteration_output
+from jointssl_monai.utils.checkpoints import atomic_write_json
+from jointssl_monai.utils.dist import rank
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -63,13 +64,10 @@ class LossHistoryHandler:
         return json.loads(self.output_file.read_text()).get("epochs", [])
 
     def write(self, engine: Engine) -> None:
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if rank() != 0:
             return
         epoch = engine.state.epoch
         record = {"epoch": epoch, "iterations": self.count}
         record.update({k: (v / self.count if self.count else math.nan) for k, v in sorted(self.sums.items())})
         epochs = [e for e in self.read() if e["epoch"] < epoch] + [record]
-        self.output_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_file.with_name(self.output_file.name + ".tmp")
-        tmp.write_text(json.dumps({"epochs": epochs}, indent=2))
-        tmp.replace(self.output_file)
+        atomic_write_json({"epochs": epochs}, self.output_file)

@@ -7,8 +7,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
 from ignite.engine import Events
+
+from jointssl_monai.utils.checkpoints import atomic_write_json
+from jointssl_monai.utils.dist import rank
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -113,14 +115,11 @@ class RunProvenanceHandler:
         return json.loads(self.output_file.read_text()).get("runs", [])
 
     def _write(self, new: bool) -> None:
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if rank() != 0:
             return
         runs = self.read()
         if new or not runs:
             runs.append(dict(self.record))
         else:
             runs[-1] = dict(self.record)
-        self.output_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_file.with_name(self.output_file.name + ".tmp")
-        tmp.write_text(json.dumps({"runs": runs}, indent=2))
-        tmp.replace(self.output_file)
+        atomic_write_json({"runs": runs}, self.output_file)

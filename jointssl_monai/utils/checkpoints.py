@@ -10,19 +10,21 @@ next successful :func:`atomic_save` of the same path.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 __all__ = [
     "PROTOTYPE_MODULES",
     "atomic_save",
+    "atomic_write_json",
     "latest_checkpoint",
     "load_network_checkpoint",
     "safe_load",
@@ -67,14 +69,24 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
+    return _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_json(data: Any, path: str | os.PathLike) -> Path:
+    """Write ``data`` as indented JSON with the guarantees of :func:`atomic_save` (run logs, provenance)."""
+    return _atomic_write(path, lambda handle: handle.write(json.dumps(data, indent=2).encode()))
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a log or checkpoint is an ordinary file
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
