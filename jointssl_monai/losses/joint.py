@@ -123,7 +123,8 @@ class JointSSLLoss(_Loss):
             ``{"loss": total}`` plus the detached value of each present component (``"intra"``, ``"inter"``,
             ``"mask"``; absent components are left out, never NaN) and, with ``diagnostics``, floats
             ``"<level>_normalized_entropy"``, ``"<level>_clusters_used"``, ``"<level>_largest_share"`` (over
-            the SwAV queue when longer than the batch; over the bank's k-means labels for DeepCluster-v2) and,
+            the rows SwAV's Sinkhorn clustered, queue included; over the bank's k-means labels for
+            DeepCluster-v2) and,
             with masked modelling, ``"mask_token_spread"`` (see :func:`token_spread`).
         """
         if not isinstance(output, JointSSLOutput):
@@ -162,13 +163,13 @@ class JointSSLLoss(_Loss):
             total = torch.zeros((), device=device)
         result["loss"] = total
         if self.diagnostics:
-            for name, loss_fn, branch, prototypes in (
-                ("intra", self.intra_loss, output.intra, intra_prototypes),
-                ("inter", self.inter_loss, output.inter, inter_prototypes),
+            for name, loss_fn, branch in (
+                ("intra", self.intra_loss, output.intra),
+                ("inter", self.inter_loss, output.inter),
             ):
                 if loss_fn is None or branch is None or branch.scores[0][0].shape[0] == 0:
                     continue
-                for key, value in self._level_health(loss_fn, branch, prototypes).items():
+                for key, value in self._level_health(loss_fn, branch).items():
                     if key != "entropy":
                         result[f"{name}_{key}"] = value
             if output.masked_target is not None and output.valid is not None:
@@ -177,14 +178,12 @@ class JointSSLLoss(_Loss):
 
     @staticmethod
     @torch.no_grad()
-    def _level_health(
-        loss_fn: _Loss, branch: ClusterBranch, prototypes: Sequence[torch.Tensor] | None
-    ) -> dict[str, float]:
+    def _level_health(loss_fn: _Loss, branch: ClusterBranch) -> dict[str, float]:
         """Collapse statistics of a level over as many rows as it clusters, not only this step's.
 
         A step holds few rows at the volume level (often 1-2 volumes), whose argmax agree by chance; so SwAV
-        levels are scored over the queue (which already holds this step's rows) when it is longer than the
-        batch, and DeepCluster-v2 levels report the occupancy of the last k-means over the whole bank.
+        levels are scored over the rows its Sinkhorn clustered (queue and batch, kept by the loss), and
+        DeepCluster-v2 levels report the occupancy of the last k-means over the whole bank.
         """
         if isinstance(loss_fn, DeepClusterV2Loss):
             labels = loss_fn.assignments[0][loss_fn.written]
@@ -192,13 +191,8 @@ class JointSSLLoss(_Loss):
             if labels.numel():
                 return occupancy_diagnostics(torch.bincount(labels, minlength=loss_fn.num_prototypes[0]))
         rows = branch.scores[0][0].detach().float()
-        if (
-            isinstance(loss_fn, SwAVLoss)
-            and prototypes is not None
-            and int(loss_fn.queue_count) > rows.shape[0]
-        ):
-            weights = F.normalize(prototypes[0].detach().float(), dim=1)
-            rows = loss_fn.queue[0, : int(loss_fn.queue_count)].to(weights) @ weights.t()
+        if isinstance(loss_fn, SwAVLoss) and loss_fn.clustered_scores is not None:
+            rows = loss_fn.clustered_scores
         return cluster_diagnostics(F.softmax(rows / loss_fn.temperature, dim=1))
 
     @staticmethod

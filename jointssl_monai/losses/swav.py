@@ -112,6 +112,7 @@ class SwAVLoss(_Loss):
         self.distributed = distributed
         self.register_buffer("queue", torch.zeros(num_views, queue_length, embedding_dim or 0))
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
+        self.clustered_scores: torch.Tensor | None = None  # see _codes
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
     def reset_queue(self) -> None:
@@ -123,7 +124,11 @@ class SwAVLoss(_Loss):
         return self.queue_length > 0 and int(self.iteration) >= self.queue_start_iteration
 
     def _codes(self, scores: torch.Tensor, view: int, prototypes: torch.Tensor | None) -> torch.Tensor:
-        """Sinkhorn codes of one view and head, with the queue's rows prepended when in use."""
+        """Sinkhorn codes of one view and head, with the queue's rows prepended when in use.
+
+        The scores Sinkhorn clustered (queue and batch) of view 0, head 0 stay in ``clustered_scores`` (not
+        state: rewritten every forward), so collapse statistics can use all those rows without recomputing.
+        """
         count = int(self.queue_count) if self._queue_active() else 0
         if count > 0:
             if prototypes is None:
@@ -132,6 +137,7 @@ class SwAVLoss(_Loss):
                 weights = F.normalize(prototypes.detach().float(), dim=1)
                 queued = self.queue[view, :count].to(weights) @ weights.t()
                 scores = torch.cat([queued, scores.detach().float()])
+        self._last_scores = scores.detach()
         codes = sinkhorn_knopp(scores, self.epsilon, self.sinkhorn_iterations, distributed=self.distributed)
         return codes[count:]
 
@@ -201,6 +207,8 @@ class SwAVLoss(_Loss):
             weights = prototypes[h] if prototypes is not None else None
             for v in range(num_global):
                 q = self._codes(predictions[h][v], v, weights)
+                if h == 0 and v == 0:
+                    self.clustered_scores = self._last_scores
                 terms = [self._cross_entropy(q, predictions[h][p]) for p in range(num_global) if p != v]
                 if local[h]:
                     q_local = q[branch.local_rows]

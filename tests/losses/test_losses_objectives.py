@@ -276,3 +276,22 @@ def test_joint_loss_falls_on_a_toy_problem(family: str) -> None:
         history.append(float(out["loss"]))
     assert all(torch.isfinite(torch.tensor(history)))
     assert sum(history[-5:]) / 5 < 0.7 * sum(history[1:6]) / 5
+
+
+def test_collapse_statistics_cover_the_rows_sinkhorn_clustered() -> None:
+    """Two volumes a step agree on one prototype by chance; the statistics of a SwAV level with a queue count
+    the queued rows too, so a level that uses its prototypes is not reported as collapsed."""
+    prototypes = torch.eye(4)
+    criterion = JointSSLLoss(
+        intra=None, inter="swav", w_mask=0.0, inter_kwargs={"queue_length": 8, "embedding_dim": 4}
+    ).train()
+
+    def step(rows: torch.Tensor) -> dict:
+        emb = F.normalize(rows, dim=1)
+        branch = ClusterBranch([emb, emb], [[emb @ prototypes.t()], [emb @ prototypes.t()]])
+        return criterion(JointSSLOutput(inter=branch), inter_prototypes=[prototypes])
+
+    for k in range(4):  # the queue fills with rows near every prototype
+        step(torch.eye(4)[[k, k]] + 0.01)
+    out = step(torch.eye(4)[[0, 0]] + 0.01)  # this step: both volumes on prototype 0
+    assert out["inter_clusters_used"] == 4 and out["inter_largest_share"] <= 0.5
