@@ -6,8 +6,9 @@ import json
 import math
 
 import pytest
+from conftest import require_module
 
-from jointssl_monai.apps.value_report import load_value_results, paired_gain, value_table
+from jointssl_monai.apps.value_report import _t95, load_value_results, paired_gain, value_table
 
 
 def _rows(gains, seeds=None):
@@ -56,3 +57,15 @@ def test_bad_result_files_are_named(tmp_path):
     path.write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="non-empty 'rows'"):
         load_value_results(path)
+
+
+def test_t_quantiles_equal_scipys():
+    """The interval's Student-t quantiles against scipy's; between table entries the next smaller degree of
+    freedom is used, which can only widen the interval."""
+    stats = require_module("scipy.stats", distribution="scipy")  # installed with mlflow (dev extra)
+
+    for df in (*range(1, 16), 20, 30, 60, 120):
+        assert _t95(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3), df
+    for df in (17, 25, 45, 100):
+        assert _t95(df) >= stats.t.ppf(0.975, df)
+    assert _t95(1000) == pytest.approx(stats.norm.ppf(0.975), abs=1e-3)

@@ -48,3 +48,17 @@ def test_finite_extreme_values_give_finite_output():
         assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     # with the full range, the ordinary voxels sit at the middle, distinguishable only in float64
     assert float(out[0, 5, 5, 5]) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_scaling_equals_monais_own_transforms():
+    """What MONAI computes for the same rule: a clipped fixed window for CT, clipped percentiles otherwise."""
+    from monai.transforms import ScaleIntensityRange, ScaleIntensityRangePercentiles
+
+    gen = torch.Generator().manual_seed(1)
+    img = torch.randn(1, 16, 16, 8, generator=gen) * 600
+    ct = ScaleIntensityByModalityd(ct_window=(-1000.0, 1000.0))({"image": img, "modality": "CT"})["image"]
+    reference = ScaleIntensityRange(a_min=-1000, a_max=1000, b_min=0.0, b_max=1.0, clip=True)(img)
+    torch.testing.assert_close(ct, torch.as_tensor(reference), rtol=1e-6, atol=1e-6)
+    mr = ScaleIntensityByModalityd(percentiles=(0.5, 99.5))({"image": img, "modality": "MR"})["image"]
+    reference = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)(img)
+    torch.testing.assert_close(mr, torch.as_tensor(reference), rtol=1e-5, atol=1e-5)
