@@ -81,3 +81,19 @@ def test_bundle_volume_level_defaults_follow_the_authors(tmp_path):
     assert parser.get_parsed_content("network_def#inter_prototypes") != [4, 4, 4]
     assert parser.get_parsed_content("inter_proj_batch_norm") is False
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in _net().inter_head.modules())
+    # and what the defaults do: the bundle's own network and loss, on 20 volumes and 10 images, pass the
+    # set-up check at the volume level (the former default, 3 x 3000 prototypes, is refused there)
+    parser["inter_method"] = "deepcluster"
+    small = {"backbone": "resnet10", "d_model": 32, "ff_dim": 32, "proj_hidden_dim": 32, "proj_dim": 16}
+    small |= {"num_layers": 1, "num_slices": 4, "intra_prototypes": 16, "batch_size": 2}
+    for key, value in small.items():
+        parser[key] = value
+    parser["datalist_entries"] = [{"image": f"v{i}.nii", "dims": 3} for i in range(20)]
+    parser["datalist_entries"] += [{"image": f"i{i}.png", "dims": 2} for i in range(10)]
+    ids = ("network_def", "loss", "volumes_per_batch", "images_per_batch", "num_slices", "num_volumes")
+    args = [parser.get_parsed_content(k) for k in ids] + [parser.get_parsed_content("num_images"), 1]
+    check_pretrain_setup(*args)
+    parser["inter_prototypes"] = 3000
+    args = [parser.get_parsed_content(k, lazy=False) for k in ids] + [10, 1]
+    with pytest.raises(ValueError, match="inter_prototypes = 3000 with deepcluster"):
+        check_pretrain_setup(*args)
