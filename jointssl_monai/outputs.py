@@ -87,3 +87,9 @@ class JointSSLOutput:
     masked_target: list[torch.Tensor] | None = None
     mask: list[torch.Tensor] | None = None
     valid: torch.Tensor | None = None
+
+    def branch(self, level: str) -> ClusterBranch | None:
+        """The ``"intra"`` or ``"inter"`` clustering branch."""
+        if level not in ("intra", "inter"):
+            raise ValueError(f"JointSSLOutput: level must be 'intra' or 'inter', got {level!r}.")
+        return self.intra if level == "intra" else self.inter

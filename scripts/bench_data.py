@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from jointssl_monai.apps.sample_data import find_sample
 from jointssl_monai.data import build_pretrain_dataset, build_pretrain_loader
-from jointssl_monai.data.sample_data import find_sample
 
 
 def _dataset_folder(root: Path, copies: int) -> list[dict]:

@@ -58,7 +58,7 @@ def run_case(cfg: dict, amp: str, device: torch.device, steps: int, warmup: int)
         proj_hidden_dim=cfg["proj_hidden_dim"], intra_prototypes=cfg["prototypes"],
         inter_prototypes=cfg["prototypes"],
     ).to(device)  # fmt: skip
-    loss = JointSSLLoss(intra="swav", inter="swav")
+    loss = JointSSLLoss("swav", "swav")
     batch = synthetic_batch(cfg, torch.Generator().manual_seed(0))
     trainer = JointSSLTrainer(
         device=device, max_epochs=1, train_data_loader=[batch] * (warmup + steps), network=net,

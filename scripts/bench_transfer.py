@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from monai.networks.nets import ResNetFeatures
 
-from jointssl_monai.transfer.slicewise import protocol_volumes, run_trials
+from jointssl_monai.apps.slicewise import protocol_volumes, run_trials
 
 
 def build_parser() -> argparse.ArgumentParser:

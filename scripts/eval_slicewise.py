@@ -2,7 +2,7 @@
 
 2D U-Net (MONAI ``FlexibleUNet``, ``spatial_dims=2``) with the pretrained slice encoder, trained on the slices
 of the training volumes; predictions stacked into volumes; 3D IoU per foreground class; N trials (seeds); mean
-and standard deviation (Nguyen et al., AAAI 2023). See ``jointssl_monai.transfer.slicewise`` for the layouts.
+and standard deviation (Nguyen et al., AAAI 2023). See ``jointssl_monai.apps.slicewise`` for the layouts.
 
 Examples::
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from jointssl_monai.transfer.slicewise import protocol_volumes, run_trials
+from jointssl_monai.apps.slicewise import protocol_volumes, run_trials
 
 
 def build_parser() -> argparse.ArgumentParser:

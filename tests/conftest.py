@@ -1,4 +1,4 @@
-"""Shared fixtures: the real offline images (see ``jointssl_monai.data.sample_data``), and
+"""Shared fixtures: the real offline images (see ``jointssl_monai.apps.sample_data``), and
 :func:`require_module` for optional test dependencies.
 
 Locally a missing data package or optional dependency skips the tests that need it. Under ``CI=true`` it is
@@ -17,7 +17,7 @@ from typing import NoReturn
 
 import pytest
 
-from jointssl_monai.data.sample_data import SAMPLES, SampleNotFoundError, find_sample
+from jointssl_monai.apps.sample_data import SAMPLES, SampleNotFoundError, find_sample
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from monai.networks.nets import FlexibleUNet
 
+from jointssl_monai.apps.bundle_release import inspect_zip
 from jointssl_monai.networks import JointSSLNet
-from jointssl_monai.utils.bundle_io import inspect_zip
 
 JOINTSSL = Path(sys.executable).with_name("jointssl")
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from monai.transforms import LoadImage
 
-from jointssl_monai.data.sample_data import SampleNotFoundError, find_sample
+from jointssl_monai.apps.sample_data import SampleNotFoundError, find_sample
 
 
 def load(path):
@@ -98,7 +98,7 @@ def test_nibabel_volumes(nibabel_anatomical, nibabel_4d):
 def test_unknown_and_missing_samples_are_clear(monkeypatch):
     with pytest.raises(KeyError, match="unknown sample"):
         find_sample("no_such_image")
-    from jointssl_monai.data import sample_data
+    from jointssl_monai.apps import sample_data
 
     monkeypatch.setattr(sample_data, "_debian_package_files", lambda package: ())
     with pytest.raises(SampleNotFoundError, match="apt-get install -y mricron-data"):

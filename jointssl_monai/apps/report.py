@@ -441,8 +441,8 @@ def segmentation_cases(run_dir: str | Path) -> tuple[list[dict[str, Any]], str]:
 
     A fine-tuning output is ``models/model.pt`` (``bundle/configs/train.json``) with predicted masks
     ``eval/<image>_seg.nii.gz`` on the images' own grids (``inference.json``/``evaluate.json``), for the
-    bundle's test images (:func:`jointssl_monai.transfer.brain_extraction_datalist`, split ``"test"``; their
-    labels are derived into ``eval/sample_labels`` as the bundle does).
+    bundle's test images (:func:`jointssl_monai.apps.sample_datalists.brain_extraction_datalist`, split
+    ``"test"``; their labels are derived into ``eval/sample_labels`` as the bundle does).
     """
     root = Path(run_dir)
     if not (root / "models" / "model.pt").is_file():
@@ -457,7 +457,7 @@ def segmentation_cases(run_dir: str | Path) -> tuple[list[dict[str, Any]], str]:
             "models/model.pt is here but eval/ holds no predicted masks (*_seg.nii.gz): run "
             "configs/inference.json (or train.json with evaluate.json) with this bundle_root to write them."
         )
-    from jointssl_monai.transfer import brain_extraction_datalist
+    from jointssl_monai.apps.sample_datalists import brain_extraction_datalist
 
     try:
         cases = brain_extraction_datalist("test", root / "eval" / "sample_labels")

@@ -1,12 +1,11 @@
 """Data: datalists, readers, slice-sequence and view transforms, mixed 2D/3D batching."""
 
 from jointssl_monai.data.batching import SKIPPED_KEY, MixedBatchSampler, collate_joint_ssl, validate_item
+from jointssl_monai.data.checks import DEFAULT_MAX_VOXELS, BadInputError, SkipLog
 from jointssl_monai.data.datalist import (
     DatalistSummary,
     build_datalist,
-    build_datalist_command,
     load_datalist,
-    order_dicom_series,
     write_datalist,
 )
 from jointssl_monai.data.dataset import (
@@ -17,20 +16,19 @@ from jointssl_monai.data.dataset import (
     build_pretrain_loader,
     build_pretrain_transforms,
 )
+from jointssl_monai.data.dicom import order_dicom_series
 from jointssl_monai.data.io import LoadSSLImaged, load_ssl_image
-from jointssl_monai.data.sources import DEMO_SAMPLES, demo_datalist, pretrain_datalist
+from jointssl_monai.data.sources import pretrain_datalist
 from jointssl_monai.data.transforms import (
     SLICE_POLICIES,
     ResizeInPlaned,
     ScaleIntensityByModalityd,
     SliceSequenced,
 )
-from jointssl_monai.data.validation import DEFAULT_MAX_VOXELS, BadInputError, SkipLog
 from jointssl_monai.data.views import VOLUME_VIEW_TRANSFORMS, ImageViewsd, VolumeViewsd
 
 __all__ = [
     "DEFAULT_MAX_VOXELS",
-    "DEMO_SAMPLES",
     "SKIPPED_KEY",
     "SLICE_POLICIES",
     "VOLUME_VIEW_TRANSFORMS",
@@ -48,12 +46,10 @@ __all__ = [
     "VolumeOnlyd",
     "VolumeViewsd",
     "build_datalist",
-    "build_datalist_command",
     "build_pretrain_dataset",
     "build_pretrain_loader",
     "build_pretrain_transforms",
     "collate_joint_ssl",
-    "demo_datalist",
     "load_datalist",
     "load_ssl_image",
     "order_dicom_series",

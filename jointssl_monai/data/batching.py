@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from jointssl_monai.data.validation import BadInputError
+from jointssl_monai.data.checks import BadInputError
 from jointssl_monai.outputs import BATCH_KEYS
 
 __all__ = ["SKIPPED_KEY", "MixedBatchSampler", "collate_joint_ssl", "validate_item"]

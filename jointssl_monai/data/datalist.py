@@ -23,35 +23,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from jointssl_monai.data.validation import (
+from jointssl_monai.data.checks import (
     DEFAULT_MAX_VOXELS,
     ITK_SUFFIXES,
     NIFTI_SUFFIXES,
     PIL_SUFFIXES,
     BadInputError,
     SkipLog,
-    check_dicom_dataset,
     check_file,
     check_image_header,
 )
+from jointssl_monai.data.dicom import DICOM_SUFFIXES, order_dicom_series, scan_dicom_file
 
 __all__ = [
     "DatalistSummary",
     "build_datalist",
-    "build_datalist_command",
     "load_datalist",
-    "order_dicom_series",
     "validate_datalist",
     "write_datalist",
 ]
 
 logger = logging.getLogger(__name__)
-
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
-#: Relative spacing deviation above which a DICOM series counts as having a missing slice.
-SPACING_TOLERANCE = 0.5
 
 
 @dataclass
@@ -93,87 +85,6 @@ def _suffix_kind(path: Path) -> str:
     if name.endswith(DICOM_SUFFIXES):
         return "dicom"
     return "unknown"
-
-
-def _read_dicom(path: Path, max_voxels: int):
-    """Read a DICOM file's header and (undecoded) pixel bytes, and check it; ``None`` if not DICOM at all."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    check_file(path)
-    try:
-        ds = pydicom.dcmread(str(path))
-    except InvalidDicomError:
-        return None
-    except Exception as err:  # truncated/corrupt files raise struct/EOF/value errors
-        raise BadInputError(path, f"unreadable DICOM file ({type(err).__name__}: {err})") from err
-    if "Rows" not in ds and "PixelData" not in ds:
-        return ds, 0  # not an image object: DICOMDIR, report, structure set, ...
-    frames, _, _ = check_dicom_dataset(ds, path, max_voxels)
-    return ds, frames
-
-
-def _dicom_normal(ds) -> np.ndarray | None:
-    iop = ds.get("ImageOrientationPatient")
-    if iop is None or len(iop) != 6:
-        return None
-    row, col = np.asarray(iop[:3], dtype=float), np.asarray(iop[3:], dtype=float)
-    normal = np.cross(row, col)
-    norm = np.linalg.norm(normal)
-    return normal / norm if norm > 0 else None
-
-
-def order_dicom_series(datasets: Sequence[tuple[Path, Any]]) -> list[Path]:
-    """Order the single-frame files of one series along the slice normal and check that the series is whole.
-
-    Slices are sorted by ``ImagePositionPatient`` projected on the normal of ``ImageOrientationPatient``; when
-    either tag is missing, by ``InstanceNumber``. Then every slice must share Rows/Columns and orientation, no
-    two slices may share a position, and the spacing must be regular (a gap means a missing slice).
-
-    Raises:
-        BadInputError: the series is mixed or incomplete; the message names the series and the problem.
-    """
-    paths = [p for p, _ in datasets]
-    sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in datasets}
-    if len(sizes) > 1:
-        raise BadInputError(paths, f"mixed series: slices have different Rows x Columns {sorted(sizes)}")
-    normals = [_dicom_normal(ds) for _, ds in datasets]
-    positions = [ds.get("ImagePositionPatient") for _, ds in datasets]
-    if all(n is not None for n in normals) and all(p is not None and len(p) == 3 for p in positions):
-        if any(not np.allclose(n, normals[0], atol=1e-3) for n in normals):
-            raise BadInputError(paths, "mixed series: slices have different ImageOrientationPatient")
-        keys = [float(np.dot(np.asarray(p, dtype=float), normals[0])) for p in positions]
-        order = sorted(range(len(paths)), key=lambda i: (keys[i], str(paths[i])))
-        sorted_keys = np.asarray([keys[i] for i in order])
-        gaps = np.diff(sorted_keys)
-        if np.any(np.abs(gaps) < 1e-4):
-            i = int(np.argmin(np.abs(gaps)))
-            raise BadInputError(
-                paths,
-                f"mixed series: {paths[order[i]].name} and {paths[order[i + 1]].name} share slice position "
-                f"{sorted_keys[i]:.3f}",
-            )
-        if len(gaps) > 1:
-            step = float(np.median(gaps))
-            irregular = np.abs(gaps - step) > SPACING_TOLERANCE * step
-            if irregular.any():
-                i = int(np.argmax(irregular))
-                raise BadInputError(
-                    paths,
-                    f"incomplete series: gap of {gaps[i]:.3f} mm after {paths[order[i]].name} where "
-                    f"slices are {step:.3f} mm apart (a slice is missing)",
-                )
-    else:
-        numbers = [ds.get("InstanceNumber") for _, ds in datasets]
-        if any(n is None for n in numbers):
-            raise BadInputError(
-                paths, "series without ImagePositionPatient nor InstanceNumber: cannot order it"
-            )
-        order = sorted(range(len(paths)), key=lambda i: (int(numbers[i]), str(paths[i])))
-        sorted_numbers = [int(numbers[i]) for i in order]
-        if len(set(sorted_numbers)) != len(sorted_numbers):
-            raise BadInputError(paths, "mixed series: repeated InstanceNumber")
-    return [paths[i] for i in order]
 
 
 def _modality_for(path: Path, root: Path, modality_map: Mapping[str, str] | None, default: str) -> str:
@@ -269,7 +180,7 @@ def build_datalist(
         kind = _suffix_kind(path)
         try:
             if kind in ("dicom", "unknown"):
-                read = _read_dicom(path, max_voxels)
+                read = scan_dicom_file(path, max_voxels)
                 if read is None:
                     if kind == "dicom":
                         raise BadInputError(path, "not a valid DICOM file (no DICOM header found)")
@@ -439,38 +350,3 @@ def load_datalist(
     return validate_datalist(
         content[key], path, base_dir=path.absolute().parent, check_files=True, skip_bad_inputs=skip_bad_inputs
     )
-
-
-def build_datalist_command(
-    *dirs: str,
-    output: str = "datalist.json",
-    modality_map: Mapping[str, str] | None = None,
-    default_modality: str = "OT",
-    skip_bad_inputs: bool = False,
-    absolute_paths: bool = False,
-    max_voxels: int = DEFAULT_MAX_VOXELS,
-    fields: Mapping[str, Any] | None = None,
-) -> str:
-    """Scan ``dirs`` for 2D images and 3D volumes and write a MONAI datalist to ``output``.
-
-    Prints and returns a summary listing every skipped or ignored file and why. See :func:`build_datalist`
-    for the arguments; paths in the file are relative to its folder unless ``absolute_paths``.
-    """
-    if not dirs:
-        raise ValueError("give at least one folder to scan")
-    base_dir = None if absolute_paths else Path(output).absolute().parent
-    entries, summary = build_datalist(
-        dirs,
-        modality_map=modality_map,
-        default_modality=default_modality,
-        skip_bad_inputs=skip_bad_inputs,
-        base_dir=base_dir,
-        max_voxels=max_voxels,
-        fields=fields,
-    )
-    if not entries:
-        raise BadInputError(list(dirs) if len(dirs) > 1 else dirs[0], "no usable image found")
-    path = write_datalist(entries, output)
-    text = f"{summary}\nwrote {len(entries)} entries to {path}"
-    print(text)
-    return text

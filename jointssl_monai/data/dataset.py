@@ -10,7 +10,7 @@ The pipeline per datalist item ``{"image", "dims", "modality", ...}``:
 
 With ``cache="memory"`` (MONAI ``CacheDataset``) or ``cache="disk"`` (``PersistentDataset``) the first part is
 computed once per item. Both parts are wrapped by a guard: a bad input raises a
-:class:`~jointssl_monai.data.validation.BadInputError` naming the file, or, with ``skip_bad_inputs=True``,
+:class:`~jointssl_monai.data.checks.BadInputError` naming the file, or, with ``skip_bad_inputs=True``,
 turns into a marker that the collate function drops (and logs once).
 """
 
@@ -32,10 +32,10 @@ from monai.transforms import Compose, Orientationd, Randomizable, Spacingd, Tran
 from torch.utils.data import DataLoader
 
 from jointssl_monai.data.batching import SKIPPED_KEY, MixedBatchSampler, collate_joint_ssl
+from jointssl_monai.data.checks import DEFAULT_MAX_VOXELS, BadInputError, SkipLog, describe_path
 from jointssl_monai.data.datalist import load_datalist
 from jointssl_monai.data.io import LoadSSLImaged
 from jointssl_monai.data.transforms import ResizeInPlaned, ScaleIntensityByModalityd, SliceSequenced
-from jointssl_monai.data.validation import DEFAULT_MAX_VOXELS, BadInputError, SkipLog, describe_path
 from jointssl_monai.data.views import VOLUME_VIEW_TRANSFORMS, ImageViewsd, VolumeViewsd
 
 __all__ = [

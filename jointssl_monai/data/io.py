@@ -38,19 +38,18 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from jointssl_monai.data.validation import (
+from jointssl_monai.data.checks import (
     DEFAULT_MAX_VOXELS,
     ITK_SUFFIXES,
     NIFTI_SUFFIXES,
     PIL_SUFFIXES,
     BadInputError,
     check_affine,
-    check_dicom_dataset,
-    check_file,
     check_image_header,
     check_voxel_values,
     describe_path,
 )
+from jointssl_monai.data.dicom import invert_monochrome1, load_dicom_series, read_dicom_header
 
 __all__ = ["LoadSSLImaged", "load_ssl_image"]
 
@@ -78,52 +77,6 @@ def _monai_read(path: str, reader: str) -> tuple[np.ndarray, dict]:
     obj = getattr(image_reader, reader)(**kwargs)
     array, meta = obj.get_data(obj.read(path))
     return np.asarray(array), dict(meta)
-
-
-def _read_dicom_header(path: str, max_voxels: int):
-    import pydicom
-
-    check_file(path)
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as err:
-        raise BadInputError(path, f"unreadable DICOM file ({type(err).__name__}: {err})") from err
-    check_dicom_dataset(ds, path, max_voxels)
-    return ds
-
-
-def _invert_monochrome1(array: np.ndarray, ds) -> np.ndarray:
-    # MONOCHROME1: the lowest value is displayed white. Mirror the value range so that bright means dense,
-    # like MONOCHROME2 and like ITK/GDCM do (up to a constant offset, which intensity normalisation removes).
-    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
-        return array.max() + array.min() - array
-    return array
-
-
-def _load_dicom_series(files: Sequence[str], max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stack single-frame DICOM files in the given (datalist) order; affine from the slice positions."""
-    slices, origins, affine = [], [], None
-    shape = None
-    for path in files:
-        ds = _read_dicom_header(path, max_voxels)
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-            raise BadInputError(files, f"mixed series: {path} is a multi-frame file")
-        array, meta = _monai_read(path, "PydicomReader")
-        array = _invert_monochrome1(array.astype(np.float32), ds)
-        if shape is not None and array.shape != shape:
-            raise BadInputError(
-                files, f"mixed series: {path} has shape {array.shape}, the first slice {shape}"
-            )
-        shape = array.shape
-        slices.append(array)
-        slice_affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
-        affine = slice_affine if affine is None else affine
-        origins.append(slice_affine[:3, 3])
-    volume = np.stack(slices, axis=-1)
-    affine = affine.copy()
-    if len(files) > 1:  # third column: step between consecutive slice origins (in the datalist order)
-        affine[:3, 2] = (origins[-1] - origins[0]) / (len(files) - 1)
-    return volume, affine
 
 
 def _to_layout(array: np.ndarray, dims: int, source: str) -> np.ndarray:
@@ -173,19 +126,19 @@ def load_ssl_image(
     affine = None
     try:
         if not isinstance(image, (str, os.PathLike)) and len(image) > 1:
-            array, affine = _load_dicom_series([str(p) for p in image], max_voxels)
+            array, affine = load_dicom_series([str(p) for p in image], max_voxels)
         else:
             path = str(image if isinstance(image, (str, os.PathLike)) else image[0])
             chosen = reader or _reader_for(path)
             ds = None
             if chosen == "PydicomReader" or _reader_for(path) == "PydicomReader":
-                ds = _read_dicom_header(path, max_voxels)
+                ds = read_dicom_header(path, max_voxels)
             else:
                 check_image_header(path, max_voxels)
             array, meta = _monai_read(path, chosen)
             array = array.astype(np.float32, copy=False)
             if ds is not None and chosen == "PydicomReader":
-                array = _invert_monochrome1(array, ds)  # ITK/GDCM already inverts MONOCHROME1
+                array = invert_monochrome1(array, ds)  # ITK/GDCM already inverts MONOCHROME1
             affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
     except BadInputError:
         raise

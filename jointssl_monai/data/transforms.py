@@ -18,7 +18,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, Resize, ResizeWithPadOrCrop
 
-from jointssl_monai.data.validation import BadInputError
+from jointssl_monai.data.checks import BadInputError
 
 __all__ = ["SLICE_POLICIES", "ResizeInPlaned", "ScaleIntensityByModalityd", "SliceSequenced"]
 

@@ -24,48 +24,17 @@ from monai.engines.utils import IterationEvents
 from monai.engines.workflow import Workflow
 from torch import nn
 
+from jointssl_monai.engines.utils import DIAGNOSTIC_SUFFIXES, prepare_ssl_batch, unwrap
+from jointssl_monai.networks import JointSSLNet
 from jointssl_monai.outputs import JointSSLOutput
 
-__all__ = ["JointSSLTrainer", "NonFiniteLossError", "iteration_output", "prepare_ssl_batch", "unwrap"]
+__all__ = ["JointSSLTrainer", "NonFiniteLossError"]
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-DIAGNOSTIC_SUFFIXES = ("_normalized_entropy", "_clusters_used", "_largest_share", "_token_spread")
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the message names the iteration and the loss component."""
-
-
-def iteration_output(engine_or_output: Any) -> dict:
-    """The dict of one iteration's results (``loss``, ``loss_<component>``, diagnostics, ``output``).
-
-    The trainer stores it as a one-item list, MONAI's decollated convention, so that MONAI's
-    ``from_engine(["loss"], first=True)`` (the default of ``--tracking mlflow``) finds the loss.
-    """
-    output = getattr(getattr(engine_or_output, "state", None), "output", engine_or_output)
-    if isinstance(output, list) and output and isinstance(output[0], dict):
-        return output[0]
-    return output if isinstance(output, dict) else {}
-
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (or the module itself)."""
-    return network.module if hasattr(network, "module") else network
-
-
-def _to_device(value: Any, device: torch.device, non_blocking: bool) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, non_blocking=non_blocking)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device, non_blocking) for v in value)
-    return value
-
-
-def prepare_ssl_batch(batchdata: dict, device: torch.device, non_blocking: bool = False, **_: Any) -> dict:
-    """Move every tensor of a collated pretraining batch (``outputs.BATCH_KEYS``) to ``device``."""
-    if not isinstance(batchdata, dict):
-        raise TypeError(f"a pretraining batch must be a dict of BATCH_KEYS, got {type(batchdata).__name__}")
-    return {key: _to_device(value, device, non_blocking) for key, value in batchdata.items()}
 
 
 class _GradScaler(torch.amp.GradScaler):
@@ -301,8 +270,8 @@ class JointSSLTrainer(Trainer):
                 output,
                 intra_keys=intra_keys,
                 inter_keys=inter_keys,
-                intra_prototypes=_prototype_weights(network, "intra_prototypes"),
-                inter_prototypes=_prototype_weights(network, "inter_prototypes"),
+                intra_prototypes=_prototype_weights(network, "intra"),
+                inter_prototypes=_prototype_weights(network, "inter"),
             )
         result.update({"loss": losses["loss"].detach(), "intra_keys": intra_keys, "inter_keys": inter_keys})
         # Components are detached tensors; collapse diagnostics are plain floats.
@@ -325,8 +294,8 @@ class JointSSLTrainer(Trainer):
         return engine.state.output
 
 
-def _prototype_weights(network: nn.Module, name: str) -> list[torch.Tensor] | None:
-    prototypes = getattr(network, name, None)
-    if prototypes is None:
+def _prototype_weights(network: nn.Module, level: str) -> list[torch.Tensor] | None:
+    # A network without clustering prototypes (e.g. a user's own) gives none: SwAV then needs no queue.
+    if not isinstance(network, JointSSLNet):
         return None
-    return [head.weight for head in prototypes.heads]
+    return network.prototypes(level).weights()

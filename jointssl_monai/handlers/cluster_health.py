@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ignite.engine import Events
 
-from jointssl_monai.engines.trainer import iteration_output
+from jointssl_monai.engines.utils import iteration_output
 
 if TYPE_CHECKING:
     from ignite.engine import Engine

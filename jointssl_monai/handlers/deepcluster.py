@@ -8,16 +8,14 @@ from typing import TYPE_CHECKING
 import torch
 from ignite.engine import Events
 
-from jointssl_monai.engines.trainer import unwrap
-from jointssl_monai.losses import DeepClusterV2Loss
+from jointssl_monai.engines.utils import unwrap
+from jointssl_monai.losses import LEVELS
 
 if TYPE_CHECKING:
     from jointssl_monai.engines.trainer import JointSSLTrainer
     from jointssl_monai.losses import JointSSLLoss
 
 __all__ = ["DeepClusterHandler"]
-
-_LEVELS = ("intra", "inter")
 
 
 class DeepClusterHandler:
@@ -47,9 +45,9 @@ class DeepClusterHandler:
         self, loss_function: JointSSLLoss, network: torch.nn.Module, init_memory: bool = True
     ) -> None:
         self.levels = {
-            level: loss
-            for level in _LEVELS
-            if isinstance(loss := getattr(loss_function, f"{level}_loss", None), DeepClusterV2Loss)
+            level: loss_function.level(level)
+            for level in LEVELS
+            if loss_function.method(level) == "deepcluster"
         }
         self.network = network
         self.init_memory = init_memory
@@ -63,7 +61,7 @@ class DeepClusterHandler:
         engine.add_event_handler(Events.EPOCH_STARTED, self.cluster)
 
     def _empty_levels(self) -> list[str]:
-        return [level for level, loss in self.levels.items() if not bool(loss.written.any())]
+        return [level for level, loss in self.levels.items() if loss.rows_in_bank() == 0]
 
     @torch.no_grad()
     def fill_memory(self, engine: JointSSLTrainer) -> None:
@@ -82,12 +80,12 @@ class DeepClusterHandler:
             for level, level_keys in zip(("intra", "inter"), keys, strict=True):
                 if level not in self.levels:
                     continue
-                branch = getattr(output, level, None) if output is not None else None
+                branch = output.branch(level) if output is not None else None
                 if branch is not None and level_keys is not None:
                     self.levels[level].update_memory(branch.embeddings, level_keys)
                 else:  # a collective: take part with zero rows so that other processes do not wait
                     self.levels[level].participate_without_rows()
-        rows = {level: int(loss.written.sum()) for level, loss in self.levels.items()}
+        rows = {level: loss.rows_in_bank() for level, loss in self.levels.items()}
         self.logger.info(f"DeepCluster-v2 memory banks filled before training: {rows} rows")
 
     @torch.no_grad()
@@ -95,21 +93,14 @@ class DeepClusterHandler:
         """k-means on every non-empty bank; copy the centroids into the level's prototypes."""
         network = unwrap(self.network)
         for level, loss in self.levels.items():
-            if not bool(loss.written.any()):
+            if loss.rows_in_bank() == 0:
                 self.logger.info(
                     f"DeepCluster-v2 {level}: memory bank still empty, no pseudo-labels this epoch"
                 )
                 continue
             centroids = loss.cluster()
-            heads = getattr(network, f"{level}_prototypes").heads
-            if len(heads) != len(centroids):
-                raise ValueError(
-                    f"DeepCluster-v2 {level}: the loss has {len(centroids)} heads, the network's prototypes "
-                    f"{len(heads)}; set the same prototype counts for both"
-                )
-            for head, centroid in zip(heads, centroids, strict=True):
-                head.weight.copy_(centroid.to(head.weight))
+            network.prototypes(level).load_centroids_(centroids)
             self.logger.info(
-                f"DeepCluster-v2 {level}: k-means on {int(loss.written.sum())} rows into "
+                f"DeepCluster-v2 {level}: k-means on {loss.rows_in_bank()} rows into "
                 f"{[c.shape[0] for c in centroids]} clusters (epoch {engine.state.epoch})"
             )

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from ignite.engine import Events
 
 from jointssl_monai import __version__
-from jointssl_monai.engines.trainer import unwrap
+from jointssl_monai.engines.utils import unwrap
 from jointssl_monai.utils.checkpoints import atomic_save
 
 if TYPE_CHECKING:

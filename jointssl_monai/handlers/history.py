@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from ignite.engine import Events
 
-from jointssl_monai.engines.trainer import DIAGNOSTIC_SUFFIXES, iteration_output
+from jointssl_monai.engines.utils import DIAGNOSTIC_SUFFIXES, iteration_output
 from jointssl_monai.utils.checkpoints import atomic_write_json
 from jointssl_monai.utils.dist import rank
 

@@ -9,26 +9,27 @@ from jointssl_monai.losses.diagnostics import (
     occupancy_diagnostics,
     token_spread,
 )
-from jointssl_monai.losses.joint import JointSSLLoss
+from jointssl_monai.losses.joint import CLUSTERING_METHODS, LEVELS, JointSSLLoss, prototype_heads
 from jointssl_monai.losses.kmeans import KMeansResult, spherical_kmeans
 from jointssl_monai.losses.masked import MaskedEmbeddingLoss, normalize_over_slices
 from jointssl_monai.losses.sinkhorn import sinkhorn_knopp
-from jointssl_monai.losses.swav import SwAVLoss, cancel_prototype_gradients, normalize_prototypes_
+from jointssl_monai.losses.swav import SwAVLoss
 
 __all__ = [
+    "CLUSTERING_METHODS",
+    "LEVELS",
     "DeepClusterV2Loss",
     "JointSSLLoss",
     "KMeansResult",
     "MaskedEmbeddingLoss",
     "SwAVLoss",
-    "cancel_prototype_gradients",
     "cluster_diagnostics",
     "clusters_used",
     "largest_cluster_share",
     "mean_assignment_entropy",
     "normalize_over_slices",
-    "normalize_prototypes_",
     "occupancy_diagnostics",
+    "prototype_heads",
     "sinkhorn_knopp",
     "spherical_kmeans",
     "token_spread",

@@ -78,6 +78,14 @@ class DeepClusterV2Loss(_Loss):
         for h, k in enumerate(self.num_prototypes):
             self.register_buffer(f"centroids_{h}", torch.zeros(k, dim))
 
+    def rows_in_bank(self) -> int:
+        """How many keys of the memory bank hold an embedding."""
+        return int(self.written.sum())
+
+    def bank_labels(self, head: int = 0) -> torch.Tensor:
+        """The k-means labels of the written bank rows for ``head`` (``-1`` before the first clustering)."""
+        return self.assignments[head][self.written]
+
     @property
     def centroids(self) -> list[torch.Tensor]:
         """Centroids of every head, ``(K_h, D)``, from the last :meth:`cluster` call (zeros before)."""

@@ -19,65 +19,159 @@ from jointssl_monai.losses.swav import SwAVLoss
 from jointssl_monai.outputs import ClusterBranch, JointSSLOutput
 from jointssl_monai.utils.dist import all_reduce_max, is_dist, world_size
 
-__all__ = ["JointSSLLoss"]
+__all__ = ["CLUSTERING_METHODS", "LEVELS", "JointSSLLoss", "prototype_heads"]
 
-_FAMILIES = {"swav": SwAVLoss, "deepcluster": DeepClusterV2Loss}
+#: The clustering levels of the method: slices and 2D images (intra), volumes (inter).
+LEVELS = ("intra", "inter")
+#: The clustering families a level can use, by the name a config gives them.
+CLUSTERING_METHODS = ("swav", "deepcluster")
+#: DeepCluster-v2 clusters with several prototype heads (three in the reference recipe); SwAV with one.
+DEEPCLUSTER_HEADS = 3
 
 
-def _build(level: str, family: str | None, kwargs: dict[str, Any] | None) -> _Loss | None:
-    if family is None:
+def _method(level: str, method: str | None) -> str | None:
+    if method is None or method == "none":
         return None
-    if family not in _FAMILIES:
-        raise ValueError(f"JointSSLLoss: {level} must be one of {[*_FAMILIES, None]}, got {family!r}.")
-    return _FAMILIES[family](**(kwargs or {}))
+    if method not in CLUSTERING_METHODS:
+        raise ValueError(
+            f"JointSSLLoss: {level}_method must be one of {[*CLUSTERING_METHODS, 'none']}, got {method!r}."
+        )
+    return method
+
+
+def prototype_heads(count: int | Sequence[int], method: str | None) -> list[int]:
+    """Prototype counts per head: a sequence as given; an integer ``K`` gives ``[K]`` for SwAV (or a disabled
+    level) and ``[K] * 3`` for DeepCluster-v2 (three k-means heads, as in its reference recipe)."""
+    if isinstance(count, int):
+        return [count] * (DEEPCLUSTER_HEADS if method == "deepcluster" else 1)
+    return [int(k) for k in count]
 
 
 class JointSSLLoss(_Loss):
-    """Joint objective over a :class:`~jointssl_monai.outputs.JointSSLOutput`.
+    """Joint objective over a :class:`~jointssl_monai.outputs.JointSSLOutput` (Nguyen et al., AAAI 2023).
 
     ``L = w_intra * L_intra + w_inter * L_inter + w_mask * L_mask`` (defaults 1:1:1). Each clustering level
-    uses SwAV (:class:`SwAVLoss`) or DeepCluster-v2 (:class:`DeepClusterV2Loss`) independently. A term whose
-    inputs are absent from the batch (e.g. no volumes: no ``inter`` and no ``mask``) contributes nothing; the
-    total stays connected to the graph whenever any term is present.
+    uses SwAV (:class:`SwAVLoss`) or DeepCluster-v2 (:class:`DeepClusterV2Loss`); this class is the one
+    place that decides which, from ``intra_method``/``inter_method``, as ``DiceCELoss`` composes its parts
+    from flat arguments. The network and the handlers ask it (:meth:`uses`, :meth:`method`,
+    :meth:`prototype_heads`, :meth:`level`). A term whose inputs are absent from the batch (e.g. no volumes:
+    no ``inter`` and no ``mask``) contributes nothing; the total stays connected to the graph whenever any
+    term is present.
 
     Distributed runs: SwAV's Sinkhorn and DeepCluster-v2's bank update are collectives. When a level is
     present on some processes but not on others (a process drew only 2D images), the processes without it take
-    part with
-    zero rows, so nobody waits forever. This costs one two-element all-reduce per step. A process without rows
-    of a SwAV level needs the prototype sizes: pass ``*_prototypes`` or ``num_prototypes`` in ``*_kwargs``.
+    part with zero rows, so nobody waits forever. This costs one two-element all-reduce per step.
 
     Args:
-        intra: clustering family of the slice/image level: ``"swav"``, ``"deepcluster"`` or ``None``.
-        inter: clustering family of the volume level.
-        w_intra: weight of ``L_intra``.
-        w_inter: weight of ``L_inter``.
-        w_mask: weight of ``L_mask``.
-        intra_kwargs: keyword arguments of the intra family's loss (DeepCluster-v2 needs ``num_samples``,
-        ``dim``).
-        inter_kwargs: keyword arguments of the inter family's loss.
-        mask_kwargs: keyword arguments of :class:`MaskedEmbeddingLoss`.
+        intra_method: clustering family of the slice/image level: ``"swav"``, ``"deepcluster"`` or
+            ``None``/``"none"`` (no intra level).
+        inter_method: clustering family of the volume level.
+        w_intra: weight of ``L_intra``; 0 disables the level.
+        w_inter: weight of ``L_inter``; 0 disables the level.
+        w_mask: weight of ``L_mask`` (masked slice-embedding prediction); 0 disables it.
+        intra_prototypes: prototypes of the intra level (see :func:`prototype_heads`).
+        inter_prototypes: prototypes of the inter level.
+        embedding_dim: size of the projected embeddings (the network's ``proj_dim``); needed by SwAV queues
+            and DeepCluster-v2 memory banks.
+        temperature: softmax temperature of both families (0.1).
+        sinkhorn_epsilon: SwAV's Sinkhorn entropic regularisation (0.05).
+        sinkhorn_iterations: SwAV's Sinkhorn iterations (3).
+        intra_queue_length: SwAV queue rows per view at the intra level (0: no queue).
+        inter_queue_length: SwAV queue rows per view at the inter level.
+        queue_start_iteration: first training iteration at which SwAV queues are used.
+        intra_bank_size: DeepCluster-v2 memory-bank keys at the intra level (data set items x slices).
+        inter_bank_size: DeepCluster-v2 memory-bank keys at the inter level (data set items).
+        kmeans_iterations: DeepCluster-v2 k-means iterations per clustering (10).
+        seed: base seed of DeepCluster-v2's k-means.
+        mask_reduction: ``"masked"`` (average over masked slices) or ``"all"`` (:class:`MaskedEmbeddingLoss`).
+        mask_target_norm: ``"slices"`` or ``"none"`` (:class:`MaskedEmbeddingLoss`).
         diagnostics: add collapse statistics of the first view and head of each level (local to the process)
             to the returned dict.
     """
 
     def __init__(
         self,
-        intra: str | None = "swav",
-        inter: str | None = "swav",
+        intra_method: str | None = "swav",
+        inter_method: str | None = "swav",
         w_intra: float = 1.0,
         w_inter: float = 1.0,
         w_mask: float = 1.0,
-        intra_kwargs: dict[str, Any] | None = None,
-        inter_kwargs: dict[str, Any] | None = None,
-        mask_kwargs: dict[str, Any] | None = None,
+        intra_prototypes: int | Sequence[int] = 3000,
+        inter_prototypes: int | Sequence[int] = 3000,
+        embedding_dim: int | None = None,
+        temperature: float = 0.1,
+        sinkhorn_epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        intra_queue_length: int = 0,
+        inter_queue_length: int = 0,
+        queue_start_iteration: int = 0,
+        intra_bank_size: int | None = None,
+        inter_bank_size: int | None = None,
+        kmeans_iterations: int = 10,
+        seed: int = 0,
+        mask_reduction: str = "masked",
+        mask_target_norm: str = "slices",
         diagnostics: bool = True,
     ) -> None:
         super().__init__()
-        self.intra_loss = _build("intra", intra, intra_kwargs)
-        self.inter_loss = _build("inter", inter, inter_kwargs)
-        self.mask_loss = MaskedEmbeddingLoss(**(mask_kwargs or {}))
+        methods = {"intra": _method("intra", intra_method), "inter": _method("inter", inter_method)}
         self.w_intra, self.w_inter, self.w_mask = float(w_intra), float(w_inter), float(w_mask)
+        weights = {"intra": self.w_intra, "inter": self.w_inter}
+        counts = {"intra": intra_prototypes, "inter": inter_prototypes}
+        queues = {"intra": intra_queue_length, "inter": inter_queue_length}
+        banks = {"intra": intra_bank_size, "inter": inter_bank_size}
+        self._methods = {level: methods[level] if weights[level] > 0 else None for level in LEVELS}
+        self._heads = {level: prototype_heads(counts[level], methods[level]) for level in LEVELS}
+        for level in LEVELS:
+            criterion: _Loss | None = None
+            if self._methods[level] == "swav":
+                criterion = SwAVLoss(
+                    temperature=temperature,
+                    epsilon=sinkhorn_epsilon,
+                    sinkhorn_iterations=sinkhorn_iterations,
+                    queue_length=queues[level],
+                    queue_start_iteration=queue_start_iteration,
+                    embedding_dim=embedding_dim,
+                    num_prototypes=self._heads[level],
+                )
+            elif self._methods[level] == "deepcluster":
+                if banks[level] is None or embedding_dim is None:
+                    raise ValueError(
+                        f"JointSSLLoss: DeepCluster-v2 at the {level} level needs {level}_bank_size (the "
+                        "number of memory-bank keys) and embedding_dim."
+                    )
+                criterion = DeepClusterV2Loss(
+                    num_samples=banks[level],
+                    dim=embedding_dim,
+                    num_prototypes=self._heads[level],
+                    temperature=temperature,
+                    kmeans_iterations=kmeans_iterations,
+                    seed=seed,
+                )
+            setattr(self, f"{level}_loss", criterion)  # module names kept: checkpoints carry them
+        self.mask_loss = MaskedEmbeddingLoss(reduction=mask_reduction, target_norm=mask_target_norm)
         self.diagnostics = diagnostics
+
+    def method(self, level: str) -> str | None:
+        """The clustering family of ``level`` (``"swav"`` or ``"deepcluster"``); ``None`` if disabled."""
+        if level not in LEVELS:
+            raise ValueError(f"JointSSLLoss: level must be one of {LEVELS}, got {level!r}.")
+        return self._methods[level]
+
+    def uses(self, level: str) -> bool:
+        """Whether the objective has the ``"intra"``, ``"inter"`` or ``"mask"`` term."""
+        return self.w_mask > 0 if level == "mask" else self.method(level) is not None
+
+    def level(self, level: str) -> SwAVLoss | DeepClusterV2Loss | None:
+        """The clustering loss of ``level`` (``None`` when it is disabled)."""
+        self.method(level)  # validates the name
+        return getattr(self, f"{level}_loss")
+
+    def prototype_heads(self, level: str) -> list[int]:
+        """Prototypes per head of ``level``, for the network's prototype layers (also for a disabled level,
+        so that every stage's checkpoint has the same keys)."""
+        self.method(level)
+        return list(self._heads[level])
 
     def _level(
         self,
@@ -186,7 +280,7 @@ class JointSSLLoss(_Loss):
         DeepCluster-v2 levels report the occupancy of the last k-means over the whole bank.
         """
         if isinstance(loss_fn, DeepClusterV2Loss):
-            labels = loss_fn.assignments[0][loss_fn.written]
+            labels = loss_fn.bank_labels(0)
             labels = labels[labels >= 0]
             if labels.numel():
                 return occupancy_diagnostics(torch.bincount(labels, minlength=loss_fn.num_prototypes[0]))

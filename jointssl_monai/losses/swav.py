@@ -6,7 +6,7 @@ Eq. 1-3.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,44 +15,7 @@ from torch.nn.modules.loss import _Loss
 from jointssl_monai.losses.sinkhorn import sinkhorn_knopp
 from jointssl_monai.outputs import ClusterBranch
 
-__all__ = ["SwAVLoss", "cancel_prototype_gradients", "normalize_prototypes_"]
-
-
-def _parameters(prototypes: torch.nn.Module | Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    if isinstance(prototypes, torch.nn.Module):
-        return list(prototypes.parameters())
-    return list(prototypes)
-
-
-def cancel_prototype_gradients(
-    prototypes: torch.nn.Module | Iterable[torch.nn.Parameter], iteration: int, freeze_iterations: int
-) -> bool:
-    """Drop the prototype gradients during the first ``freeze_iterations`` iterations (SwAV's freezing).
-
-    Call it between ``loss.backward()`` and ``optimizer.step()`` (e.g. from an Ignite handler); SwAV freezes
-    the prototypes for the first epoch (313 iterations in Nguyen et al.'s recipe) to help early training.
-
-    Args:
-        prototypes: the prototype module(s) or their parameters.
-        iteration: the current 0-based iteration.
-        freeze_iterations: number of iterations during which prototypes stay fixed.
-
-    Returns:
-        Whether the gradients were dropped.
-    """
-    if iteration >= freeze_iterations:
-        return False
-    for param in _parameters(prototypes):
-        param.grad = None
-    return True
-
-
-@torch.no_grad()
-def normalize_prototypes_(prototypes: torch.nn.Module | Iterable[torch.nn.Parameter]) -> None:
-    """L2-normalise every row of every 2D prototype weight in place (SwAV does this before each step)."""
-    for param in _parameters(prototypes):
-        if param.ndim == 2:
-            param.copy_(F.normalize(param, dim=1))
+__all__ = ["SwAVLoss"]
 
 
 class SwAVLoss(_Loss):

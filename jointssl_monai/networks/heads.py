@@ -55,9 +55,10 @@ class ProjectionHead(nn.Module):
 class MultiPrototypes(nn.Module):
     """One or several bias-free linear prototype heads scoring L2-normalised inputs.
 
-    The weights are L2-normalised at construction; the trainer should call :meth:`normalize_` before every
-    forward pass (SwAV normalises the prototypes in place each iteration, outside the autograd graph), so that
-    the scores are cosine similarities.
+    The prototypes own their upkeep, which the handlers call: :meth:`normalize_` before every forward pass
+    (SwAV normalises the prototypes in place each iteration, outside the autograd graph, so that the scores
+    are cosine similarities), :meth:`drop_gradients_` while they are frozen (SwAV's first iterations,
+    DeepCluster-v2 always), :meth:`load_centroids_` for DeepCluster-v2's k-means centroids.
 
     Args:
         dim: input (projection) size.
@@ -78,6 +79,35 @@ class MultiPrototypes(nn.Module):
         """L2-normalise every prototype vector in place."""
         for head in self.heads:
             head.weight.copy_(F.normalize(head.weight, dim=1))
+
+    def weights(self) -> list[torch.Tensor]:
+        """The ``(K_h, dim)`` prototype weights of every head (parameters, not copies)."""
+        return [head.weight for head in self.heads]
+
+    def drop_gradients_(self) -> None:
+        """Drop the prototypes' gradients (call between backward and the optimiser step to freeze them)."""
+        for head in self.heads:
+            head.weight.grad = None
+
+    @torch.no_grad()
+    def load_centroids_(self, centroids: Sequence[torch.Tensor]) -> None:
+        """Copy one ``(K_h, dim)`` centroid matrix per head into the prototypes (DeepCluster-v2).
+
+        Raises:
+            ValueError: the number of heads or a head's shape differs.
+        """
+        if len(centroids) != len(self.heads):
+            raise ValueError(
+                f"MultiPrototypes: {len(centroids)} centroid matrices for {len(self.heads)} prototype heads; "
+                "set the same prototype counts for the loss and the network"
+            )
+        for head, centroid in zip(self.heads, centroids, strict=True):
+            if centroid.shape != head.weight.shape:
+                raise ValueError(
+                    f"MultiPrototypes: centroids of shape {tuple(centroid.shape)} for a head of shape "
+                    f"{tuple(head.weight.shape)}"
+                )
+            head.weight.copy_(centroid.to(head.weight))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Return, per head, the ``(N, K_h)`` scores of the L2-normalised rows of ``x`` ``(N, dim)``."""

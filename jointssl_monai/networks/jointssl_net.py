@@ -144,6 +144,25 @@ class JointSSLNet(nn.Module):
         if freeze_encoder:
             self.encoder.eval()
 
+    @staticmethod
+    def _check_level(level: str) -> None:
+        if level not in ("intra", "inter"):
+            raise ValueError(f"JointSSLNet: level must be 'intra' or 'inter', got {level!r}.")
+
+    def prototypes(self, level: str) -> MultiPrototypes:
+        """The prototype layers of the ``"intra"`` (slice/image) or ``"inter"`` (volume) clustering level."""
+        self._check_level(level)
+        return self.intra_prototypes if level == "intra" else self.inter_prototypes
+
+    def projection_head(self, level: str) -> ProjectionHead:
+        """The projection head of the ``"intra"`` or ``"inter"`` clustering level."""
+        self._check_level(level)
+        return self.intra_head if level == "intra" else self.inter_head
+
+    def uses(self, level: str) -> bool:
+        """Whether the forward pass computes the ``"intra"``, ``"inter"`` or ``"mask"`` branch."""
+        return {"intra": self.use_intra, "inter": self.use_inter, "mask": self.use_mask}[level]
+
     def train(self, mode: bool = True) -> JointSSLNet:
         super().train(mode)
         if self.freeze_encoder:

@@ -9,7 +9,6 @@ from .loading import (
     inflate_kernel,
     load_pretrained_encoder,
 )
-from .sample_datalists import binary_mask_file, brain_extraction_datalist
 from .transforms import KeySafeSpacingd
 
 __all__ = [
@@ -17,8 +16,6 @@ __all__ = [
     "KeySafeSpacingd",
     "PretrainedEncoderMismatchError",
     "adapt_first_conv",
-    "binary_mask_file",
-    "brain_extraction_datalist",
     "extract_encoder_state",
     "guess_resnet_name",
     "inflate_kernel",

@@ -114,7 +114,7 @@ def _add_finetuning_output(root: Path) -> float:
     the bundle's test image on its own grid (here the reference mask without its lower half, so the Dice is
     known). Returns that Dice."""
     from jointssl_monai.apps.report import segmentation_cases
-    from jointssl_monai.transfer import brain_extraction_datalist
+    from jointssl_monai.apps.sample_datalists import brain_extraction_datalist
 
     cases, note = segmentation_cases(root)
     assert not cases and "no fine-tuning output" in note
@@ -148,8 +148,8 @@ def _add_value_results(root: Path) -> list[dict]:
 def test_report_figures_load_in_headless_chromium(pretrained_run, tmp_path, itk_t1, itk_t1_skullstrip):
     from PIL import Image
 
+    from jointssl_monai.apps.cli import JointSSLCommands
     from jointssl_monai.apps.report import FIGURES, figure_pixels, tsne_available
-    from jointssl_monai.cli import JointSSLCommands
 
     browser = _chromium()
     expected_dice = _add_finetuning_output(pretrained_run)
@@ -191,7 +191,7 @@ def test_report_figures_load_in_headless_chromium(pretrained_run, tmp_path, itk_
 
 
 def test_report_without_matplotlib_names_the_extra(monkeypatch, capsys, tmp_path):
-    from jointssl_monai.cli import JointSSLCommands
+    from jointssl_monai.apps.cli import JointSSLCommands
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     with pytest.raises(SystemExit) as exit_info:
@@ -203,8 +203,8 @@ def test_report_without_matplotlib_names_the_extra(monkeypatch, capsys, tmp_path
 
 
 def test_report_of_a_folder_that_is_no_run_is_one_line_and_exit_2(capsys, tmp_path):
+    from jointssl_monai.apps.cli import JointSSLCommands
     from jointssl_monai.apps.report import require_matplotlib
-    from jointssl_monai.cli import JointSSLCommands
 
     try:
         require_matplotlib()

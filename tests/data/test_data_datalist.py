@@ -10,7 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from jointssl_monai.data import BadInputError, build_datalist, build_datalist_command, load_datalist
+from jointssl_monai.apps.datalist_command import build_datalist_command
+from jointssl_monai.data import BadInputError, build_datalist, load_datalist
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_instance_number_orders_when_positions_are_missing(pydicom_ct_series, tm
 
 
 def test_cli_datalist_command(pydicom_ct_series, tmp_path, capsys):
-    from jointssl_monai.cli import JointSSLCommands
+    from jointssl_monai.apps.cli import JointSSLCommands
 
     out = tmp_path / "out" / "datalist.json"
     JointSSLCommands().datalist(str(pydicom_ct_series), output=str(out), modality_map={"*": "MR"})

@@ -16,8 +16,8 @@ import pytest
 from monai.bundle import ConfigParser
 from monai.transforms import Compose, LoadImage, Resize
 
+from jointssl_monai.apps.slicewise import _slices, load_volume
 from jointssl_monai.data import build_pretrain_dataset, build_pretrain_transforms
-from jointssl_monai.transfer.slicewise import _slices, load_volume
 
 TRAIN_CONFIG = Path(__file__).resolve().parents[2] / "bundle" / "configs" / "train.json"
 #: coarser than the file (1 mm), finer than the bundle default (3 mm) so that SpatialPadd (64^3) pads nothing

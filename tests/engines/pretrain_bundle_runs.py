@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from jointssl_monai.data.sources import demo_datalist
-from jointssl_monai.workflows import find_bundle_dir, pretrain_command
+from jointssl_monai.apps.bundle_commands import find_bundle_dir, pretrain_command
+from jointssl_monai.apps.sample_data import demo_datalist
 
 CONFIGS = find_bundle_dir() / "configs"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from monai.bundle import ConfigParser
 
+from jointssl_monai.apps.bundle_commands import find_bundle_dir
 from jointssl_monai.engines import build_optimizer
 from jointssl_monai.losses import JointSSLLoss
 from jointssl_monai.networks import JointSSLNet
-from jointssl_monai.workflows import find_bundle_dir
 
 CONFIGS = find_bundle_dir() / "configs"
 
@@ -34,7 +34,7 @@ def _encoder_change(recipe: dict, steps: int = 5) -> float:
         heads=2,
         dim_head=8,
     )
-    loss = JointSSLLoss(intra_kwargs={"queue_length": 0}, inter_kwargs={"queue_length": 0}, diagnostics=False)
+    loss = JointSSLLoss(diagnostics=False)
     optimizer = build_optimizer(
         net, name=recipe["optimizer"], lr=recipe["lr"], weight_decay=recipe["weight_decay"]
     )

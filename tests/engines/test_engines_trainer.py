@@ -45,7 +45,7 @@ class PoisonedLoss(JointSSLLoss):
     """The joint loss, with its inter component turned into NaN from a given call on."""
 
     def __init__(self, poison_from: int) -> None:
-        super().__init__(intra="swav", inter="swav")
+        super().__init__("swav", "swav")
         self.calls, self.poison_from = 0, poison_from
 
     def forward(self, output, **kwargs):
@@ -103,8 +103,9 @@ def test_nonfinite_loss_skip_policy_drops_only_bad_steps():
 
 def test_prototypes_frozen_then_trained_and_kept_normalised():
     net = tiny_net()
-    trainer = make_trainer(net, JointSSLLoss(), 4)
-    PrototypeHandler(net, "intra_prototypes", freeze_iterations=2).attach(trainer)
+    loss = JointSSLLoss()
+    trainer = make_trainer(net, loss, 4)
+    PrototypeHandler(net, loss, "intra", freeze_iterations=2).attach(trainer)
     history, norms = [], []
 
     @trainer.on(Events.ITERATION_STARTED)

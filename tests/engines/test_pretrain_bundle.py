@@ -64,7 +64,7 @@ def test_staged_recipe_overrides(stage, losses, optimised, tmp_path):
     loss = parser.get_parsed_content("loss", instantiate=True)
     assert (loss.intra_loss is not None) == ("intra" in losses)
     assert (loss.inter_loss is not None) == ("inter" in losses)
-    assert parser.get_parsed_content("use_mask") == ("mask" in losses)
+    assert loss.uses("mask") == ("mask" in losses)
     # What the stage trains: the top-level modules with parameters in the optimiser.
     network = parser.get_parsed_content("network")
     optimizer = parser.get_parsed_content("optimizer_def")

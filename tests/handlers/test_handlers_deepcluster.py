@@ -13,22 +13,30 @@ HEADS = {"intra": ([3, 4], 24), "inter": ([2, 3], 10)}  # prototypes per head, r
 
 
 class Prototypes(nn.Module):
-    """What the handler reads of a JointSSLNet: its ``intra_prototypes`` and ``inter_prototypes``."""
+    """What the handler reads of a JointSSLNet: its prototype layers per level."""
 
     def __init__(self) -> None:
         super().__init__()
         self.intra_prototypes = MultiPrototypes(DIM, HEADS["intra"][0])
         self.inter_prototypes = MultiPrototypes(DIM, HEADS["inter"][0])
 
+    def prototypes(self, level: str) -> MultiPrototypes:
+        return getattr(self, f"{level}_prototypes")
+
 
 def test_every_epoch_start_copies_the_kmeans_centroids_into_the_prototypes_of_every_head():
     torch.manual_seed(0)
     network = Prototypes()
-    kwargs = {
-        level: {"num_samples": rows, "dim": DIM, "num_prototypes": k} for level, (k, rows) in HEADS.items()
-    }
-    loss = JointSSLLoss(intra="deepcluster", inter="deepcluster", intra_kwargs=kwargs["intra"],
-                        inter_kwargs=kwargs["inter"])  # fmt: skip
+    (intra_k, intra_rows), (inter_k, inter_rows) = HEADS["intra"], HEADS["inter"]
+    loss = JointSSLLoss(
+        "deepcluster",
+        "deepcluster",
+        intra_prototypes=intra_k,
+        inter_prototypes=inter_k,
+        embedding_dim=DIM,
+        intra_bank_size=intra_rows,
+        inter_bank_size=inter_rows,
+    )
     for level, (_, rows) in HEADS.items():
         getattr(loss, f"{level}_loss").update_memory(
             [torch.randn(rows, DIM), torch.randn(rows, DIM)], torch.arange(rows)

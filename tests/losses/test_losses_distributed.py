@@ -99,7 +99,7 @@ def _check_joint_mixed_presence(part: slice, rank: int, world: int) -> None:
     protos = [F.normalize(torch.randn(6, 5, generator=g), dim=1)]
     emb = [F.normalize(torch.randn(20, 5, generator=g), dim=1) for _ in range(2)]
     rows = list(range(20))[part]
-    loss = JointSSLLoss(intra=None, inter="swav", diagnostics=False)
+    loss = JointSSLLoss(None, "swav", inter_prototypes=6, diagnostics=False)
     branch = _branch([e[part] for e in emb], protos) if rows else None
     out = loss(JointSSLOutput(inter=branch), inter_prototypes=protos)
     weighted = torch.tensor([float(out["inter"]) * len(rows) if rows else 0.0])

@@ -11,8 +11,7 @@ from jointssl_monai.losses import (
     JointSSLLoss,
     MaskedEmbeddingLoss,
     SwAVLoss,
-    cancel_prototype_gradients,
-    normalize_prototypes_,
+    prototype_heads,
 )
 from jointssl_monai.outputs import ClusterBranch, JointSSLOutput
 
@@ -88,18 +87,6 @@ def test_swav_shapes_are_validated() -> None:
         SwAVLoss()(ClusterBranch(good.embeddings, [good.scores[0], [torch.randn(4, 5)]]))
     with pytest.raises(ValueError, match="embedding_dim"):
         SwAVLoss(queue_length=4)
-
-
-def test_prototype_freezing_and_normalisation() -> None:
-    prototypes = torch.nn.Linear(8, 4, bias=False)
-    prototypes.weight.grad = torch.ones_like(prototypes.weight)
-    assert cancel_prototype_gradients(prototypes, iteration=2, freeze_iterations=3)
-    assert prototypes.weight.grad is None
-    prototypes.weight.grad = torch.ones_like(prototypes.weight)
-    assert not cancel_prototype_gradients(prototypes, iteration=3, freeze_iterations=3)
-    assert prototypes.weight.grad is not None
-    normalize_prototypes_(prototypes)
-    torch.testing.assert_close(prototypes.weight.norm(dim=1), torch.ones(4))
 
 
 def test_swav_bf16_autocast_large_scores_no_nan() -> None:
@@ -216,11 +203,30 @@ def test_joint_loss_components_and_missing_branches() -> None:
     weighted = JointSSLLoss(w_intra=2.5, diagnostics=False)(intra_only)
     torch.testing.assert_close(weighted["loss"], 2.5 * out["intra"])
     with pytest.raises(ValueError, match="needs intra_keys"):
-        JointSSLLoss(intra="deepcluster", intra_kwargs={"num_samples": 10, "dim": 8, "num_prototypes": [4]})(
-            intra_only
-        )
-    with pytest.raises(ValueError, match="must be one of"):
-        JointSSLLoss(intra="simclr")
+        JointSSLLoss("deepcluster", intra_prototypes=[4], embedding_dim=8, intra_bank_size=10)(intra_only)
+    with pytest.raises(ValueError, match="intra_method must be one of"):
+        JointSSLLoss(intra_method="simclr")
+    with pytest.raises(ValueError, match="needs inter_bank_size"):
+        JointSSLLoss(inter_method="deepcluster", embedding_dim=8)
+
+
+def test_the_loss_decides_each_level_family_heads_and_use() -> None:
+    """One place decides the clustering family: the network's prototypes and the handlers ask the loss."""
+    loss = JointSSLLoss("swav", "deepcluster", intra_prototypes=16, inter_prototypes=4, embedding_dim=8,
+                        inter_bank_size=20, intra_queue_length=32)  # fmt: skip
+    assert isinstance(loss.level("intra"), SwAVLoss) and isinstance(loss.level("inter"), DeepClusterV2Loss)
+    assert loss.method("intra") == "swav" and loss.method("inter") == "deepcluster"
+    assert loss.prototype_heads("intra") == [16] and loss.prototype_heads("inter") == [4, 4, 4]
+    assert loss.level("intra").queue_length == 32 and loss.level("inter").num_samples == 20
+    assert loss.uses("intra") and loss.uses("inter") and loss.uses("mask")
+    # a zero weight or "none" disables a level; the network still gets its prototype layout
+    off = JointSSLLoss("none", "deepcluster", w_inter=0.0, w_mask=0.0, inter_prototypes=4)
+    assert off.level("intra") is None and off.level("inter") is None and off.method("inter") is None
+    assert not (off.uses("intra") or off.uses("inter") or off.uses("mask"))
+    assert off.prototype_heads("intra") == [3000] and off.prototype_heads("inter") == [4, 4, 4]
+    assert prototype_heads([5, 7], "swav") == [5, 7] and prototype_heads(5, None) == [5]
+    with pytest.raises(ValueError, match="level must be one of"):
+        loss.level("volume")
 
 
 @pytest.mark.parametrize("family", ["swav", "deepcluster"])
@@ -237,15 +243,8 @@ def test_joint_loss_falls_on_a_toy_problem(family: str) -> None:
     params = [*encoder.parameters(), *intra_protos.parameters(), *inter_protos.parameters()]
     params += [*predictor.parameters(), mask_token]
     optimizer = torch.optim.SGD(params, lr=0.2, momentum=0.9)
-    dc = {"num_prototypes": [6], "kmeans_iterations": 5}
-    criterion = JointSSLLoss(
-        intra=family,
-        inter=family,
-        intra_kwargs={"num_samples": 64, "dim": 8, **dc} if family == "deepcluster" else None,
-        inter_kwargs={"num_samples": 16, "dim": 8, **{**dc, "num_prototypes": [3]}}
-        if family == "deepcluster"
-        else None,
-    )
+    criterion = JointSSLLoss(family, family, intra_prototypes=[6], inter_prototypes=[3], embedding_dim=8,
+                             intra_bank_size=64, inter_bank_size=16, kmeans_iterations=5)  # fmt: skip
     mask = torch.zeros(16, 4, dtype=torch.bool)
     mask[:, 1] = True
     history = []
@@ -267,7 +266,8 @@ def test_joint_loss_falls_on_a_toy_problem(family: str) -> None:
         out = criterion(output, intra_keys=torch.arange(64), inter_keys=torch.arange(16))
         optimizer.zero_grad()
         out["loss"].backward()
-        cancel_prototype_gradients(intra_protos, step, freeze_iterations=2)
+        if step < 2:  # SwAV's prototype freezing, as PrototypeHandler does it
+            intra_protos.weight.grad = None
         optimizer.step()
         if family == "deepcluster" and step % 10 == 0:  # the clustering schedule a handler would run
             for level, protos in (("intra_loss", intra_protos), ("inter_loss", inter_protos)):
@@ -282,9 +282,7 @@ def test_collapse_statistics_cover_the_rows_sinkhorn_clustered() -> None:
     """Two volumes a step agree on one prototype by chance; the statistics of a SwAV level with a queue count
     the queued rows too, so a level that uses its prototypes is not reported as collapsed."""
     prototypes = torch.eye(4)
-    criterion = JointSSLLoss(
-        intra=None, inter="swav", w_mask=0.0, inter_kwargs={"queue_length": 8, "embedding_dim": 4}
-    ).train()
+    criterion = JointSSLLoss(None, "swav", w_mask=0.0, inter_queue_length=8, embedding_dim=4).train()
 
     def step(rows: torch.Tensor) -> dict:
         emb = F.normalize(rows, dim=1)

@@ -161,10 +161,9 @@ def test_deepcluster_loss_matches_hand_labels() -> None:
 
 
 def test_joint_loss_is_the_weighted_sum_of_its_parts() -> None:
-    intra_kwargs, inter_kwargs = {"temperature": 0.2, "epsilon": 0.03}, {"temperature": 0.5}
-    joint = JointSSLLoss(
-        w_intra=2.0, w_inter=3.0, w_mask=5.0, intra_kwargs=intra_kwargs, inter_kwargs=inter_kwargs
-    )
+    swav_kwargs = {"temperature": 0.2, "epsilon": 0.03, "sinkhorn_iterations": 5}
+    joint = JointSSLLoss(w_intra=2.0, w_inter=3.0, w_mask=5.0, temperature=0.2, sinkhorn_epsilon=0.03,
+                         sinkhorn_iterations=5)  # fmt: skip
     intra = multicrop_branch(num_global=2, local_rows=torch.tensor([1, 6, 6]))
     inter = multicrop_branch(num_global=2, local_rows=None)
     g = torch.Generator().manual_seed(11)
@@ -184,8 +183,8 @@ def test_joint_loss_is_the_weighted_sum_of_its_parts() -> None:
         valid=valid,
     )
     parts = {
-        "intra": SwAVLoss(**intra_kwargs)(intra),
-        "inter": SwAVLoss(**inter_kwargs)(inter),
+        "intra": SwAVLoss(**swav_kwargs)(intra),
+        "inter": SwAVLoss(**swav_kwargs)(inter),
         "mask": joint.mask_loss(prediction, target, mask, valid),
     }
     result = joint(output)

@@ -76,6 +76,23 @@ def test_prototypes_score_cosines_and_normalize_in_place():
     assert MultiPrototypes(4, 10).num_prototypes == (10,)
 
 
+def test_prototypes_own_their_upkeep_gradients_and_centroids():
+    protos = MultiPrototypes(4, [3, 5])
+    assert [w is h.weight for w, h in zip(protos.weights(), protos.heads, strict=True)] == [True, True]
+    sum(s.sum() for s in protos(torch.randn(6, 4))).backward()
+    assert protos.heads[0].weight.grad is not None
+    protos.drop_gradients_()
+    assert all(h.weight.grad is None for h in protos.heads)
+    centroids = [torch.randn(3, 4), torch.randn(5, 4)]
+    protos.load_centroids_(centroids)
+    for head, centroid in zip(protos.heads, centroids, strict=True):
+        assert torch.equal(head.weight.detach(), centroid)
+    with pytest.raises(ValueError, match="1 centroid matrices for 2 prototype heads"):
+        protos.load_centroids_(centroids[:1])
+    with pytest.raises(ValueError, match=r"centroids of shape \(4, 4\) for a head of shape \(3, 4\)"):
+        protos.load_centroids_([torch.randn(4, 4), centroids[1]])
+
+
 def test_projection_head_layers():
     head = ProjectionHead(8, 16, 4, num_layers=3, batch_norm=True)
     kinds = [type(m).__name__ for m in head.mlp]

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from monai.apps.utils import HashCheckError
 
-from jointssl_monai.utils.bundle_io import (
+from jointssl_monai.apps.bundle_release import (
     BundleArchiveError,
     fetch_bundle,
     package_bundle,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jointssl_monai.utils.bundle_io import (
+from jointssl_monai.apps.bundle_release import (
     RATIO_MIN_BYTES,
     BundleArchiveError,
     inspect_zip,

@@ -70,7 +70,7 @@ def _killed_at(root: Path, iteration: int, datalist: str, method: str) -> int:
     extra = root / "kill_at.json"
     extra.write_text(json.dumps({
         "kill_at": {"_target_": "kill_at.KillAt", "iteration": iteration},
-        "train#run_handlers": "$@train#handlers + [@kill_at]",
+        "train#run_handlers": "$@train#handlers + @train#rank0_handlers + [@kill_at]",
     }))  # fmt: skip
     command = bundle_command(root, [extra], datalist=datalist, **SETTINGS, **METHODS[method])
     path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from jointssl_monai.apps.bundle_commands import find_bundle_dir
+from jointssl_monai.engines.setup_check import check_pretrain_setup, queue_room
 from jointssl_monai.losses import JointSSLLoss
 from jointssl_monai.networks import JointSSLNet
-from jointssl_monai.utils.preflight import check_pretrain_setup, queue_room
-from jointssl_monai.workflows import find_bundle_dir
 
 
 def _net(intra=16, inter=(4, 4, 4), **kwargs) -> JointSSLNet:
@@ -19,12 +19,8 @@ def _net(intra=16, inter=(4, 4, 4), **kwargs) -> JointSSLNet:
 
 
 def _deepcluster_inter(num_volumes: int, k) -> JointSSLLoss:
-    return JointSSLLoss(
-        intra="swav",
-        inter="deepcluster",
-        intra_kwargs={"queue_length": 64, "embedding_dim": 8},
-        inter_kwargs={"num_samples": num_volumes, "dim": 8, "num_prototypes": list(k)},
-    )
+    return JointSSLLoss("swav", "deepcluster", inter_prototypes=list(k), embedding_dim=8,
+                        intra_queue_length=64, inter_bank_size=num_volumes)  # fmt: skip
 
 
 def test_volume_level_deepcluster_with_more_clusters_than_volumes_is_refused():
@@ -41,9 +37,7 @@ def test_volume_level_deepcluster_with_more_clusters_than_volumes_is_refused():
 
 def test_swav_level_needs_rows_and_a_queue_without_stale_copies():
     net = _net(inter=8)
-    loss = JointSSLLoss(
-        intra_kwargs={"queue_length": 0}, inter_kwargs={"queue_length": 256, "embedding_dim": 8}
-    )
+    loss = JointSSLLoss(intra_queue_length=0, inter_queue_length=256, embedding_dim=8)
     # intra: 1 volume x 4 slices + 1 image = 5 rows per step, no queue, 16 prototypes
     with pytest.raises(ValueError, match=r"intra_prototypes = 16 with swav: Sinkhorn clusters 5 slice/image"):
         check_pretrain_setup(net, loss, 1, 1, 4, 1000, 10, 1)
@@ -51,10 +45,7 @@ def test_swav_level_needs_rows_and_a_queue_without_stale_copies():
     with pytest.raises(ValueError, match=r"inter_queue_length = 256 with 32 volumes .* use at most 31"):
         check_pretrain_setup(net, loss, 1, 1, 4, 32, 10, 1)
     assert queue_room(32, 1) == 31 and queue_room(32, 2, world_size=2) == 14
-    fine = JointSSLLoss(
-        intra_kwargs={"queue_length": 100, "embedding_dim": 8},
-        inter_kwargs={"queue_length": 31, "embedding_dim": 8},
-    )
+    fine = JointSSLLoss(intra_queue_length=100, inter_queue_length=31, embedding_dim=8)
     check_pretrain_setup(net, fine, 1, 1, 4, 32, 10, 1)
     # two processes double the rows per step: the same queue would now hold stale copies
     with pytest.raises(ValueError, match="inter_queue_length = 31"):
@@ -75,6 +66,12 @@ def test_bundle_volume_level_defaults_follow_the_authors(tmp_path):
     network has no BatchNorm in its volume head, like the bundle."""
     parser = ConfigParser()
     parser.read_config(find_bundle_dir() / "configs" / "pretrain.json")
+    small = {"backbone": "resnet10", "d_model": 32, "ff_dim": 32, "proj_hidden_dim": 32, "proj_dim": 16}
+    small |= {"num_layers": 1, "num_slices": 4, "intra_prototypes": 16, "batch_size": 2}
+    for key, value in small.items():
+        parser[key] = value
+    parser["datalist_entries"] = [{"image": f"v{i}.nii", "dims": 3} for i in range(20)]
+    parser["datalist_entries"] += [{"image": f"i{i}.png", "dims": 2} for i in range(10)]
     parser["inter_method"] = "deepcluster"
     assert parser.get_parsed_content("network_def#inter_prototypes") == [4, 4, 4]
     parser["inter_method"] = "swav"
@@ -84,12 +81,6 @@ def test_bundle_volume_level_defaults_follow_the_authors(tmp_path):
     # and what the defaults do: the bundle's own network and loss, on 20 volumes and 10 images, pass the
     # set-up check at the volume level (the former default, 3 x 3000 prototypes, is refused there)
     parser["inter_method"] = "deepcluster"
-    small = {"backbone": "resnet10", "d_model": 32, "ff_dim": 32, "proj_hidden_dim": 32, "proj_dim": 16}
-    small |= {"num_layers": 1, "num_slices": 4, "intra_prototypes": 16, "batch_size": 2}
-    for key, value in small.items():
-        parser[key] = value
-    parser["datalist_entries"] = [{"image": f"v{i}.nii", "dims": 3} for i in range(20)]
-    parser["datalist_entries"] += [{"image": f"i{i}.png", "dims": 2} for i in range(10)]
     ids = ("network_def", "loss", "volumes_per_batch", "images_per_batch", "num_slices", "num_volumes")
     args = [parser.get_parsed_content(k) for k in ids] + [parser.get_parsed_content("num_images"), 1]
     check_pretrain_setup(*args)

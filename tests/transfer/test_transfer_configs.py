@@ -15,7 +15,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd, Spacingd
 
-from jointssl_monai.transfer import KeySafeSpacingd, brain_extraction_datalist
+from jointssl_monai.apps.sample_datalists import brain_extraction_datalist
+from jointssl_monai.transfer import KeySafeSpacingd
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "bundle" / "configs"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.networks.nets import ResNetFeatures
 
-from jointssl_monai.transfer.slicewise import (
+from jointssl_monai.apps.slicewise import (
     MMWHS_LABELS,
     Volume,
     dice_3d,

@@ -22,10 +22,10 @@ __all__ = [
     "BadInputError",
     "SkipLog",
     "check_affine",
-    "check_dicom_dataset",
     "check_file",
     "check_image_header",
     "check_nifti_header",
+    "check_shape",
     "check_voxel_values",
     "describe_path",
 ]
@@ -162,7 +162,8 @@ def check_affine(affine, path: str | os.PathLike | Sequence) -> None:
         )
 
 
-def _check_shape(path: str, shape: Sequence[int], max_voxels: int, what: str) -> None:
+def check_shape(path: str, shape: Sequence[int], max_voxels: int, what: str) -> None:
+    """Refuse a shape with a size <= 0 or more than ``max_voxels`` values; ``what`` names its source."""
     shape = [int(s) for s in shape]
     if not shape or any(s <= 0 for s in shape):
         raise BadInputError(path, f"{what} claims an invalid size {tuple(shape)}")
@@ -204,7 +205,7 @@ def check_nifti_header(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VO
             f"pixel type {dtype.name if dtype.fields is None else dtype} is not supported (expected "
             "real-valued grey levels)",
         )
-    _check_shape(path, shape, max_voxels, "NIfTI header")
+    check_shape(path, shape, max_voxels, "NIfTI header")
     if len([s for s in shape if s > 1]) >= 3:
         check_affine(affine, path)
     return shape
@@ -236,46 +237,8 @@ def check_itk_header(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXE
         raise BadInputError(
             path, f"pixels with {components} components of type {pixel!r} (expected grey or RGB)"
         )
-    _check_shape(path, (*shape, components), max_voxels, "image header")
+    check_shape(path, (*shape, components), max_voxels, "image header")
     return shape
-
-
-def check_dicom_dataset(ds, path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[int, ...]:
-    """Check a DICOM dataset (read with its pixel bytes, not decoded) and return ``(frames, rows, columns)``.
-
-    Refuses files without pixel data, sizes beyond ``max_voxels`` and, for uncompressed transfer syntaxes,
-    pixel data shorter than ``Rows x Columns x frames x samples x bytes`` claims (a truncated file or a lying
-    header), all before ``pixel_array`` allocates anything.
-    """
-    path = str(path)
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise BadInputError(
-            path, "DICOM file has no pixel data (not an image: e.g. a report or structure set)"
-        )
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except (AttributeError, TypeError, ValueError) as err:
-        raise BadInputError(path, "DICOM file has pixel data but no valid Rows/Columns") from err
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    except (TypeError, ValueError) as err:  # e.g. NumberOfFrames '1A' (pydicom's badVR.dcm)
-        raise BadInputError(
-            path, f"DICOM header has an invalid NumberOfFrames or SamplesPerPixel ({err})"
-        ) from err
-    _check_shape(path, (frames, rows, cols, samples), max_voxels, "DICOM header")
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if "PixelData" in ds and (syntax is None or not syntax.is_compressed):
-        expected = rows * cols * frames * samples * int(ds.get("BitsAllocated", 16)) // 8
-        actual = len(ds.PixelData)
-        if actual < expected:
-            raise BadInputError(
-                path,
-                f"DICOM pixel data holds {actual:,} bytes but Rows x Columns x frames x samples x bits "
-                f"({rows}x{cols}x{frames}x{samples}x{ds.get('BitsAllocated', 16)}) needs {expected:,} "
-                "(truncated file or wrong header)",
-            )
-    return frames, rows, cols
 
 
 def check_image_header(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[int, ...]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from jointssl_monai.data.sample_data import find_sample
+from jointssl_monai.apps.sample_data import find_sample
 
 __all__ = ["binary_mask_file", "brain_extraction_datalist"]
 
@@ -61,7 +61,7 @@ def brain_extraction_datalist(
 
     Raises:
         KeyError: unknown split.
-        jointssl_monai.data.sample_data.SampleNotFoundError: the Debian data package is not installed.
+        jointssl_monai.apps.sample_data.SampleNotFoundError: the Debian data package is not installed.
     """
     if split not in _SPLITS:
         raise KeyError(f"unknown split {split!r}; use one of {sorted(_SPLITS)}")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jointssl_monai.data.sources import demo_datalist
+from jointssl_monai.apps.sample_data import demo_datalist
 
 __all__ = ["DEMO_OVERRIDES", "export_encoder", "find_bundle_dir", "pretrain_command", "run_demo"]
 
@@ -45,7 +45,7 @@ DEMO_OVERRIDES: dict[str, Any] = {
 
 def find_bundle_dir(bundle_dir: str | os.PathLike | None = None) -> Path:
     """The bundle folder: ``bundle_dir`` if given, else the ``bundle/`` beside the package source."""
-    candidate = Path(bundle_dir) if bundle_dir else Path(__file__).resolve().parents[1] / "bundle"
+    candidate = Path(bundle_dir) if bundle_dir else Path(__file__).resolve().parents[2] / "bundle"
     if not (candidate / "configs" / "pretrain.json").is_file():
         raise FileNotFoundError(
             f"no bundle with configs/pretrain.json at {candidate}; "
@@ -86,7 +86,7 @@ def run_demo(
     """Pretrain the bundle on the real demo images and return a summary (also printed by the CLI).
 
     The demo data set is built from images that ship with installed packages (see
-    :data:`jointssl_monai.data.sources.DEMO_SAMPLES`); the run is a real
+    :data:`jointssl_monai.apps.sample_data.DEMO_SAMPLES`); the run is a real
     ``python -m monai.bundle run training`` of ``bundle/configs/pretrain.json`` with :data:`DEMO_OVERRIDES`,
     writing under ``output_dir``.
     """

@@ -22,7 +22,7 @@ class JointSSLCommands:
 
     def samples(self) -> dict[str, str]:
         """List the real sample images installed on this machine (used by the demo and the tests)."""
-        from jointssl_monai.data.sample_data import SAMPLES, available_samples
+        from jointssl_monai.apps.sample_data import SAMPLES, available_samples
 
         found = available_samples()
         return {name: str(found.get(name, f"missing ({SAMPLES[name].source})")) for name in SAMPLES}
@@ -37,7 +37,7 @@ class JointSSLCommands:
         absolute_paths: bool = False,
     ) -> None:
         """Scan folders (NIfTI, DICOM series, MHA/NRRD, PNG) and write a MONAI datalist; print a summary."""
-        from jointssl_monai.data.datalist import build_datalist_command
+        from jointssl_monai.apps.datalist_command import build_datalist_command
 
         build_datalist_command(
             *dirs, output=output, modality_map=modality_map, default_modality=default_modality,
@@ -52,7 +52,7 @@ class JointSSLCommands:
         Runs ``python -m monai.bundle run training`` on ``bundle/configs/pretrain.json`` with a small model
         (a few minutes on 2 CPU cores).
         """
-        from jointssl_monai.workflows import run_demo
+        from jointssl_monai.apps.bundle_commands import run_demo
 
         return run_demo(output_dir=output_dir, bundle_dir=bundle_dir, max_epochs=max_epochs)
 
@@ -64,7 +64,7 @@ class JointSSLCommands:
         The configs are ``bundle/configs/pretrain.json`` followed by any extra config files (for example
         ``stage_a_2d.json``); keyword options override config ids. ``--tracking mlflow`` records to MLflow.
         """
-        from jointssl_monai.workflows import find_bundle_dir, pretrain_command
+        from jointssl_monai.apps.bundle_commands import find_bundle_dir, pretrain_command
 
         base = find_bundle_dir(bundle_dir) / "configs" / "pretrain.json"
         command = pretrain_command([base, *config_files], overrides, tracking=tracking)
@@ -80,7 +80,7 @@ class JointSSLCommands:
         file loads into ``FlexibleUNet(in_channels, out_channels, backbone, spatial_dims).encoder`` as is; a
         JSON report of what was loaded is written beside it.
         """
-        from jointssl_monai.workflows import export_encoder
+        from jointssl_monai.apps.bundle_commands import export_encoder
 
         report = export_encoder(checkpoint, output, spatial_dims, in_channels, backbone, inflate)
         return report.summary()
@@ -99,7 +99,7 @@ class JointSSLCommands:
         """
         import hashlib
 
-        from jointssl_monai.utils.bundle_io import package_bundle
+        from jointssl_monai.apps.bundle_release import package_bundle
 
         path = package_bundle(bundle_dir, output or f"{name}.zip", name, include_ssl=include_ssl)
         return {"zip": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
@@ -147,7 +147,7 @@ class JointSSLCommands:
 
     def fetch_bundle(self, url: str, bundle_dir: str, name: str, hash_val: str | None = None) -> str:
         """Download a bundle zip (http(s):// or file://), check its hash and entries, extract it safely."""
-        from jointssl_monai.utils.bundle_io import fetch_bundle
+        from jointssl_monai.apps.bundle_release import fetch_bundle
 
         return str(fetch_bundle(url, bundle_dir, name, hash_val=hash_val))
 

@@ -36,8 +36,8 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import FlexibleUNet
 from monai.transforms import LoadImage, Orientation, ScaleIntensityRangePercentiles, Spacing
 
-from .loading import EncoderLoadReport, load_pretrained_encoder
-from .sample_datalists import brain_extraction_datalist
+from jointssl_monai.apps.sample_datalists import brain_extraction_datalist
+from jointssl_monai.transfer.loading import EncoderLoadReport, load_pretrained_encoder
 
 __all__ = [
     "MMWHS_LABELS",

@@ -17,12 +17,25 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["SAMPLES", "Sample", "SampleNotFoundError", "available_samples", "find_sample", "pydicom_test_dir"]
+__all__ = [
+    "DEMO_SAMPLES",
+    "SAMPLES",
+    "Sample",
+    "SampleNotFoundError",
+    "available_samples",
+    "demo_datalist",
+    "find_sample",
+    "pydicom_test_dir",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class SampleNotFoundError(FileNotFoundError):
@@ -129,3 +142,43 @@ def available_samples() -> dict[str, Path]:
         except SampleNotFoundError:
             continue
     return found
+
+
+#: Real images of the demo data set: (sample name, dims, modality). Label maps and atlases are left out.
+DEMO_SAMPLES: tuple[tuple[str, int, str], ...] = (
+    ("colin27_t1", 3, "MR"),
+    ("itk_t1", 3, "MR"),
+    ("nibabel_anatomical", 3, "MR"),
+    ("itk_pd_3slices_mha", 3, "MR"),
+    ("pydicom_ct_series", 3, "CT"),
+    ("itk_pd_slice_png", 2, "MR"),
+    ("itk_t1_slice_png", 2, "MR"),
+    ("itk_rat_lung_mha", 2, "CT"),
+    ("pydicom_ct", 2, "CT"),
+    ("pydicom_mr", 2, "MR"),
+    ("pydicom_cr_x_ray", 2, "CR"),
+)
+
+
+def demo_datalist() -> list[dict[str, Any]]:
+    """Datalist entries for the demo images installed on this machine (at least one volume and one image).
+
+    A DICOM series folder is listed as its files in name order; the loader orders slices by position.
+    """
+    entries = []
+    for name, dims, modality in DEMO_SAMPLES:
+        try:
+            path = find_sample(name)
+        except SampleNotFoundError as err:
+            logger.warning(f"demo data: {err}")
+            continue
+        image: str | list[str] = str(path)
+        if path.is_dir():
+            image = sorted(str(p) for p in path.iterdir() if p.is_file())
+        entries.append({"image": image, "dims": dims, "modality": modality, "sample": name})
+    if not any(e["dims"] == 3 for e in entries) or not any(e["dims"] == 2 for e in entries):
+        raise SampleNotFoundError(
+            "the demo needs at least one real volume and one real 2D image; install them with "
+            "'apt-get install -y mricron-data insighttoolkit5-examples' (and pip install pydicom-data)"
+        )
+    return entries
