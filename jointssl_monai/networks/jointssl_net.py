@@ -46,24 +46,34 @@ class JointSSLNet(nn.Module):
     and runs it without autograd.
 
     Args:
-        backbone: ResNet name of the slice encoder (``resnet10`` ... ``resnet200``). in_channels: channels of
-        a slice / image. d_model: slice-token and volume-feature size. proj_hidden_dim: hidden width of the
-        projection heads. proj_dim: projection (clustering space) size. intra_prototypes: prototypes of the
-        intra level; a sequence gives several heads (DeepCluster-v2). inter_prototypes: prototypes of the
-        inter level; a sequence gives several heads. num_layers: aggregator layers. ff_dim: aggregator
-        feed-forward width. heads: attention heads. dim_head: size of each attention head. dropout: aggregator
-        dropout. attention: ``"deformable"`` or ``"full"``. mask_ratio: fraction of valid slices masked for
-        masked slice modelling. use_intra: compute the intra (slice/image) clustering branch. use_inter:
-        compute the inter (volume) clustering branch. use_mask: compute masked slice modelling.
-        freeze_encoder: freeze the slice encoder (authors' stage B). multi_stage: slice embedding from every
-        ResNet stage (else the last stage only). conv1_t_stride: stride of the ResNet stem convolution (see
-        :class:`SliceEncoder`). gradient_checkpointing: recompute encoder activations in the backward pass.
-        channels_last: run the encoder in channels-last memory format. proj_num_layers: linear layers of each
-        projection head. proj_batch_norm: BatchNorm in the intra projection head. inter_proj_batch_norm:
-        BatchNorm in the inter projection head (default off: its batch is only ``2 x`` volumes per process,
-        and BatchNorm over two rows encodes the difference between the views).
+        backbone: ResNet name of the slice encoder (``resnet10`` ... ``resnet200``).
+        in_channels: channels of a slice or image.
+        d_model: slice-token and volume-feature size.
+        proj_hidden_dim: hidden width of the projection heads.
+        proj_dim: projection (clustering space) size.
+        intra_prototypes: prototypes of the intra level; a sequence gives several heads (DeepCluster-v2).
+        inter_prototypes: prototypes of the inter level; a sequence gives several heads.
+        num_layers: aggregator layers.
+        ff_dim: aggregator feed-forward width.
+        heads: attention heads.
+        dim_head: size of each attention head.
+        dropout: aggregator dropout.
+        attention: ``"deformable"`` or ``"full"``.
+        mask_ratio: fraction of valid slices masked for masked slice modelling.
+        use_intra: compute the intra (slice/image) clustering branch.
+        use_inter: compute the inter (volume) clustering branch.
+        use_mask: compute masked slice modelling.
+        freeze_encoder: freeze the slice encoder (authors' stage B).
+        multi_stage: slice embedding from every ResNet stage (else the last stage only).
+        conv1_t_stride: stride of the ResNet stem convolution (see :class:`SliceEncoder`).
+        gradient_checkpointing: recompute encoder activations in the backward pass.
+        channels_last: run the encoder in channels-last memory format.
+        proj_num_layers: linear layers of each projection head.
+        proj_batch_norm: BatchNorm in the intra projection head.
+        inter_proj_batch_norm: BatchNorm in the inter projection head (default off: its batch is only
+            ``2 x`` volumes per process, and BatchNorm over two rows encodes the difference of the views).
         position_encoding: sinusoidal slice position encoding in the aggregator (``None``: only for
-        ``"full"``).
+            ``"full"``).
         deformable_kwargs: extra arguments of :class:`DeformableAttention1D`.
         mask_decoder_hidden_dim: hidden width of the masked-modelling decoder (default ``d_model``).
     """
