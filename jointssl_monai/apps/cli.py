@@ -35,13 +35,16 @@ class JointSSLCommands:
         default_modality: str = "OT",
         skip_bad_inputs: bool = False,
         absolute_paths: bool = False,
+        skip_label_maps: bool = False,
     ) -> None:
-        """Scan folders (NIfTI, DICOM series, MHA/NRRD, PNG) and write a MONAI datalist; print a summary."""
+        """Scan folders (NIfTI, DICOM series, MHA/NRRD, PNG) and write a MONAI datalist; print a summary.
+
+        ``--skip_label_maps True`` decodes every image and leaves out label maps, atlases and masks."""
         from jointssl_monai.apps.datalist_command import build_datalist_command
 
         build_datalist_command(
             *dirs, output=output, modality_map=modality_map, default_modality=default_modality,
-            skip_bad_inputs=skip_bad_inputs, absolute_paths=absolute_paths,
+            skip_bad_inputs=skip_bad_inputs, absolute_paths=absolute_paths, skip_label_maps=skip_label_maps,
         )  # fmt: skip
 
     def demo(

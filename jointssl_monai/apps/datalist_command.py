@@ -21,6 +21,7 @@ def build_datalist_command(
     absolute_paths: bool = False,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     fields: Mapping[str, Any] | None = None,
+    skip_label_maps: bool = False,
 ) -> str:
     """Scan ``dirs`` for 2D images and 3D volumes and write a MONAI datalist to ``output``.
 
@@ -38,6 +39,7 @@ def build_datalist_command(
         base_dir=base_dir,
         max_voxels=max_voxels,
         fields=fields,
+        skip_label_maps=skip_label_maps,
     )
     if not entries:
         raise BadInputError(list(dirs) if len(dirs) > 1 else dirs[0], "no usable image found")

@@ -28,6 +28,7 @@ __all__ = [
     "check_shape",
     "check_voxel_values",
     "describe_path",
+    "label_map_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -263,3 +264,35 @@ def check_voxel_values(array, path: str | os.PathLike | Sequence) -> None:
     low, high = float(values.min()), float(values.max())
     if low == high:
         raise BadInputError(path, f"image is constant (every value is {low:g})")
+
+
+#: Label maps (segmentations, atlases, masks) repeat their neighbour's value in most of their foreground;
+#: images do not. Measured on real files: 0.75-0.99 for atlases (AAL, Brodmann, JHU, Harvard-Oxford,
+#: NeuroMaps) and masks, 0.03-0.09 for 8-bit MRI volumes and slices (Colin27, the ITK examples).
+LABEL_MAP_NEIGHBOUR_AGREEMENT = 0.5
+#: An integer image with this few distinct values is a mask or a drawing, not an acquisition.
+LABEL_MAP_MAX_VALUES = 16
+
+
+def label_map_reason(array) -> str | None:
+    """Why an image looks like a label map rather than an acquired image, or ``None``.
+
+    A label map holds integer values that repeat over whole regions: an integer image with at most
+    :data:`LABEL_MAP_MAX_VALUES` distinct values, or whose non-zero voxels mostly equal their neighbour along
+    the first axis (:data:`LABEL_MAP_NEIGHBOUR_AGREEMENT`). Pretraining on atlases and masks teaches a network
+    to cluster region codes, not anatomy.
+    """
+    values = np.asarray(array, dtype=np.float64)
+    if values.size == 0 or not np.all(np.isfinite(values)) or np.any(np.mod(values, 1) != 0):
+        return None
+    distinct = np.unique(values).size
+    if distinct <= LABEL_MAP_MAX_VALUES:
+        return f"label map or mask: only {distinct} distinct integer values"
+    squeezed = np.squeeze(values)
+    if squeezed.ndim < 2 or squeezed.shape[0] < 2:
+        return None
+    foreground = squeezed[1:] != 0
+    agreement = float(((squeezed[1:] == squeezed[:-1]) & foreground).sum() / max(1, foreground.sum()))
+    if agreement >= LABEL_MAP_NEIGHBOUR_AGREEMENT:
+        return f"label map: {distinct} integer values, {agreement:.0%} of voxels equal their neighbour"
+    return None

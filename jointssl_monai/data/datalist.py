@@ -32,8 +32,10 @@ from jointssl_monai.data.checks import (
     SkipLog,
     check_file,
     check_image_header,
+    label_map_reason,
 )
 from jointssl_monai.data.dicom import DICOM_SUFFIXES, order_dicom_series, scan_dicom_file
+from jointssl_monai.data.io import load_ssl_image
 
 __all__ = [
     "DatalistSummary",
@@ -132,6 +134,7 @@ def build_datalist(
     base_dir: str | os.PathLike | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     fields: Mapping[str, Any] | None = None,
+    skip_label_maps: bool = False,
 ) -> tuple[list[dict[str, Any]], DatalistSummary]:
     """Scan folders (or files) and return the datalist entries and a summary.
 
@@ -146,6 +149,8 @@ def build_datalist(
         base_dir: write paths relative to this folder (normally the datalist's folder); absolute if ``None``.
         max_voxels: refuse headers that claim more values than this.
         fields: extra fields copied into every entry.
+        skip_label_maps: decode every image and leave out label maps, atlases and masks
+            (:func:`~jointssl_monai.data.checks.label_map_reason`), listed as ignored with the reason.
 
     Returns:
         ``(entries, summary)``; each entry holds ``image`` (a path, or for a DICOM series its files in slice
@@ -169,6 +174,12 @@ def build_datalist(
         return os.path.relpath(path.absolute(), Path(base_dir).absolute())
 
     def add(paths_: Path | list[Path], dims: int, modality: str, shape: Sequence[int]) -> None:
+        if skip_label_maps:
+            files = [str(p) for p in paths_] if isinstance(paths_, list) else str(paths_)
+            reason = label_map_reason(load_ssl_image(files, dims, max_voxels=max_voxels).numpy())
+            if reason is not None:
+                summary.ignored.append((str(paths_[0] if isinstance(paths_, list) else paths_), reason))
+                return
         image: Any = [rel(p) for p in paths_] if isinstance(paths_, list) else rel(paths_)
         entry = {"image": image, "dims": dims, "modality": modality, "shape": [int(s) for s in shape]}
         entry.update(fields or {})

@@ -130,3 +130,30 @@ def test_invalid_number_of_frames_is_a_named_skip_not_a_crash(tmp_path):
     assert "NumberOfFrames" in str(summary)
     with pytest.raises(BadInputError, match=r"badVR\.dcm.*NumberOfFrames"):
         build_datalist([tmp_path])
+
+
+def test_label_maps_and_masks_are_told_apart_from_images_on_real_files(
+    tmp_path, colin27_t1, colin27_aal, itk_t1, itk_t1_seg, itk_t1_slice_png
+):
+    """Atlases, segmentations and masks are not images to pretrain on: with ``skip_label_maps`` the scan
+    leaves them out, naming each with its reason; the acquisitions stay."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for source in (colin27_t1, colin27_aal, itk_t1, itk_t1_seg, itk_t1_slice_png):
+        shutil.copy(source, folder / source.name)
+    brain = np.asarray(nib.load(str(colin27_t1)).dataobj)
+    nib.save(nib.Nifti1Image((brain > 40).astype(np.uint8), np.eye(4)), str(folder / "mask.nii.gz"))
+    every, _ = build_datalist([folder])
+    images, summary = build_datalist([folder], skip_label_maps=True)
+    names = lambda entries: sorted(Path(e["image"]).name for e in entries)  # noqa: E731
+    assert len(every) == 6
+    assert names(images) == sorted([colin27_t1.name, itk_t1.name, itk_t1_slice_png.name])
+    reasons = {Path(name).name: reason for name, reason in summary.ignored}
+    assert set(reasons) == {colin27_aal.name, itk_t1_seg.name, "mask.nii.gz"}
+    assert reasons["mask.nii.gz"] == "label map or mask: only 2 distinct integer values"
+    assert reasons[colin27_aal.name].startswith("label map: 117 integer values")
