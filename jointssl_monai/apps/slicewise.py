@@ -187,8 +187,15 @@ def finetune_slicewise(
     slice_axis: int = 2,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    converge_window: int | None = None,
+    min_improvement: float = 0.02,
+    loss_history: list[float] | None = None,
 ) -> tuple[FlexibleUNet, EncoderLoadReport | None]:
     """Train a 2D ``FlexibleUNet`` on random slices of ``train`` (half of them containing foreground).
+
+    With ``converge_window``, training stops before ``steps`` once converged: when the mean training loss of
+    the last ``converge_window`` steps is less than ``min_improvement`` (relative) below the best earlier
+    window's, twice in a row.
 
     Args:
         train: training volumes.
@@ -199,6 +206,9 @@ def finetune_slicewise(
         learning_rate: Adam learning rate; slice_axis: spatial axis along which volumes are sliced (2: axial).
         seed: seeds the network initialisation and the slice sampling.
         device: where to train.
+        converge_window: steps per window of the convergence test (``None``: always ``steps`` steps).
+        min_improvement: relative loss improvement per window below which a window counts as converged.
+        loss_history: if given, every step's training loss is appended to it.
 
     Returns:
         the trained network (in eval mode) and the encoder load report (``None`` without ``encoder``).
@@ -216,7 +226,15 @@ def finetune_slicewise(
         images, labels = _slices(volume, slice_axis)
         fg = (labels.flatten(1) > 0).any(1)
         pools.append((images, labels, torch.nonzero(fg).flatten(), torch.arange(len(labels))))
-    for _ in range(steps):
+    losses: list[float] = []
+    best_window, stalled = float("inf"), 0
+    for step in range(steps):
+        if converge_window and step and step % converge_window == 0:
+            window = float(np.mean(losses[-converge_window:]))
+            stalled = stalled + 1 if window > best_window * (1 - min_improvement) else 0
+            best_window = min(best_window, window)
+            if stalled >= 2:
+                break
         xs, ys = [], []
         for _ in range(batch_size):
             images, labels, fg, every = pools[int(torch.randint(len(pools), (1,), generator=generator))]
@@ -234,6 +252,9 @@ def finetune_slicewise(
         loss = loss_fn(net(x.to(device)), y.to(device))
         loss.backward()
         optimizer.step()
+        losses.append(float(loss.detach()))
+    if loss_history is not None:
+        loss_history.extend(losses)
     return net.eval(), report
 
 

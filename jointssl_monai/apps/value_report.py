@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VALUE_FILE", "draw_value", "load_value_results", "paired_gain", "value_table"]
+__all__ = ["VALUE_FILE", "draw_value", "load_value_results", "markdown_table", "paired_gain", "value_table"]
 
 #: Where the value benchmark writes its results, relative to a run folder.
 VALUE_FILE = Path("bench_results") / "ssl_value.json"
@@ -100,6 +100,14 @@ def value_table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list
         )
         table.append(cells)
     return header, table
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`value_table` as a Markdown table (for the README)."""
+    header, table = value_table(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table]
+    return "\n".join(lines)
 
 
 def draw_value(ax, rows: Sequence[Mapping[str, Any]]) -> None:

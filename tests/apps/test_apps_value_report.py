@@ -8,7 +8,13 @@ import math
 import pytest
 from conftest import require_module
 
-from jointssl_monai.apps.value_report import _t95, load_value_results, paired_gain, value_table
+from jointssl_monai.apps.value_report import (
+    _t95,
+    load_value_results,
+    markdown_table,
+    paired_gain,
+    value_table,
+)
 
 
 def _rows(gains, seeds=None):
@@ -47,6 +53,9 @@ def test_table_lists_every_initialisation_and_the_gain():
     header, table = value_table(rows)
     assert header[2:4] == ["ssl (mean, n)", "random (mean, n)"] and header[4] == "threshold (mean, n)"
     assert table == [["t", "s", "0.600 (3)", "0.500 (3)", "0.900 (1)", "+0.100 [+0.100, +0.100] (3 pairs)"]]
+    markdown = markdown_table(rows).splitlines()
+    assert markdown[0] == "| " + " | ".join(header) + " |" and markdown[1] == "|---|---|---|---|---|---|"
+    assert markdown[2] == "| t | s | 0.600 (3) | 0.500 (3) | 0.900 (1) | +0.100 [+0.100, +0.100] (3 pairs) |"
 
 
 def test_bad_result_files_are_named(tmp_path):

@@ -1,0 +1,207 @@
+"""Does the pretraining help? Pretrain on every offline real image, then probe and fine-tune on held-out data.
+
+Pretrains the bundle once per objective of the paper's ablation (``intra``, ``intra+mask``, ``joint``) for a
+wall-clock budget each, then scores every encoder against the same network from random initialisation with
+paired seeds, beside the trivial baselines (an intensity rule fitted on the same labelled slices; raw-pixel
+retrieval). Writes every seed's number to ``bench_results/ssl_value.json`` and prints the table of paired
+gains with 95 % confidence intervals (see ``jointssl_monai.apps.ssl_value``).
+
+    python scripts/bench_ssl_value.py                           # 2 CPU cores: 10 minutes per objective
+    python scripts/bench_ssl_value.py --budget_minutes 120 --settings '{"backbone": "resnet50",
+        "spatial_size": [128, 128], "num_slices": 64, "d_model": 640, "batch_size": 32}'   # a GPU
+    python scripts/bench_ssl_value.py --datalist my_unlabelled.json    # pretrain on your own images
+
+Your own labelled task: build a ``SliceTask`` (``jointssl_monai.apps.ssl_value``) from your volumes and call
+``evaluate_task`` with the encoders this script wrote under ``--workdir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import monai
+import torch
+
+from jointssl_monai.apps.ssl_value import (
+    CPU_SETTINGS,
+    OBJECTIVES,
+    ProbeFeatures,
+    SliceTask,
+    brain_extraction_task,
+    finetune_dice,
+    frozen_encoder,
+    intensity_rule,
+    linear_probe,
+    lobes_task,
+    pixel_embedding,
+    pooled_embedding,
+    position_retrieval,
+    pretrain_encoder,
+    value_datalist,
+)
+from jointssl_monai.apps.value_report import markdown_table, paired_gain
+
+
+def _sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "python": sys.version.split()[0],
+        "threads": torch.get_num_threads(),
+    }
+
+
+def evaluate_task(
+    task: SliceTask, encoders: dict[str, str], backbone: str, seeds: list[int], counts: list[int], size: int,
+    finetune: bool,
+) -> list[dict]:  # fmt: skip
+    """Every row of one task: probes of every encoder and of random encoders, the intensity rule, and (with
+    ``finetune``) fine-tuning of the joint encoder and of random initialisation."""
+    rows = []
+
+    def add(setting: str, init: str, seed: int, score: float, **extra) -> None:
+        rows.append(
+            {"task": task.name, "setting": setting, "init": init, "seed": seed, "score": score, **extra}
+        )
+        print(f"  {task.name} | {setting} | {init} | seed {seed}: {score:.4f}", flush=True)
+
+    for init, path in encoders.items():
+        features = ProbeFeatures(task, frozen_encoder(backbone, path, 0), size)
+        for count in counts:
+            for seed in seeds:
+                add(f"probe, {count} slices", init, seed, linear_probe(features, count, seed))
+        del features
+    for seed in seeds:  # a frozen random encoder per seed: the probe's control
+        features = ProbeFeatures(task, frozen_encoder(backbone, None, 1000 + seed), size)
+        for count in counts:
+            add(f"probe, {count} slices", "random", seed, linear_probe(features, count, seed))
+        del features
+    for count in counts:
+        for seed in seeds:
+            score = intensity_rule(task, count, seed, size)
+            add(f"probe, {count} slices", "intensity", seed, score)
+            if finetune:
+                add(f"fine-tune, {count} slices", "intensity", seed, score)
+    if finetune:
+        for count in counts:
+            for seed in seeds:
+                for init, path in (("ssl", encoders["ssl"]), ("random", None)):
+                    score, steps = finetune_dice(task, backbone, path, count, seed, size)
+                    add(f"fine-tune, {count} slices", init, seed, score, steps=steps)
+    return rows
+
+
+def retrieval_rows(task: SliceTask, encoders: dict[str, str], backbone: str, seeds: list[int], size: int):
+    """Slice retrieval by brain position, Colin27 as the reference, the held-out subject as the query."""
+    rows = []
+    query = task.test[0]
+    for seed in seeds:
+        scores = {}
+        for init, path in encoders.items():
+            embed = pooled_embedding(frozen_encoder(backbone, path, 0))
+            scores[init] = position_retrieval(task.train, query, embed, size)
+        scores["random"] = position_retrieval(
+            task.train, query, pooled_embedding(frozen_encoder(backbone, None, 1000 + seed)), size
+        )
+        scores["pixels"] = position_retrieval(task.train, query, pixel_embedding, size)
+        for init, score in scores.items():
+            rows.append({"task": "slice position retrieval (ITK subject)", "setting": "1-NN, frozen",
+                         "init": init, "seed": seed, "score": score})  # fmt: skip
+            print(f"  retrieval | {init} | seed {seed}: {score:.4f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget_minutes", type=float, default=10.0, help="pretraining time per objective")
+    parser.add_argument(
+        "--objectives", default="joint,intra,intra+mask", help="subset of " + ",".join(OBJECTIVES)
+    )
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--label_counts", default="1,2,5")
+    parser.add_argument("--size", type=int, default=64, help="slice size of the evaluation (pixels)")
+    parser.add_argument("--settings", default="{}", help="JSON overrides of the pretraining settings")
+    parser.add_argument(
+        "--datalist", default=None, help="your own pretraining datalist (default: offline images)"
+    )
+    parser.add_argument("--workdir", default="runs/ssl_value")
+    parser.add_argument("--output", default="bench_results/ssl_value.json")
+    parser.add_argument("--no_finetune", action="store_true", help="probes and retrieval only")
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = {**CPU_SETTINGS, **json.loads(args.settings)}
+    seeds, counts = list(range(args.seeds)), [int(c) for c in args.label_counts.split(",")]
+    started = time.perf_counter()
+    if args.datalist:
+        datalist, data_info = Path(args.datalist).absolute(), {"datalist": args.datalist}
+    else:
+        datalist, data_info = value_datalist(workdir / "datalist.json")
+    print(
+        f"pretraining data: {json.dumps({k: v for k, v in data_info.items() if k != 'left_out'})}", flush=True
+    )
+
+    runs, encoders = {}, {}
+    for objective in args.objectives.split(","):
+        print(f"pretraining '{objective}' for {args.budget_minutes} minutes ...", flush=True)
+        run = pretrain_encoder(
+            workdir / objective, datalist, args.budget_minutes * 60, {**settings, **OBJECTIVES[objective]}
+        )
+        last = run.pop("history")[-1]
+        run["last_epoch"] = last
+        run["sha256"] = _sha256(run["encoder"])
+        runs[objective] = run
+        encoders["ssl" if objective == "joint" else f"ssl {objective}"] = run["encoder"]
+        print(f"  {run['epochs']} epochs in {run['seconds'] / 60:.1f} min; last epoch {last}", flush=True)
+
+    backbone = settings["backbone"]
+    brain, lobes = brain_extraction_task(workdir), lobes_task()
+    rows = evaluate_task(
+        brain, encoders, backbone, seeds, counts, args.size, "ssl" in encoders and not args.no_finetune
+    )
+    rows += evaluate_task(lobes, encoders, backbone, seeds, counts, args.size, finetune=False)
+    rows += retrieval_rows(brain, encoders, backbone, seeds, args.size)
+
+    result = {
+        "metric": "3D Dice over the held-out volume (retrieval: 1 - mean position error)",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": _machine(),
+        "budget_minutes": args.budget_minutes,
+        "settings": settings,
+        "data": data_info,
+        "pretraining": runs,
+        "minutes": (time.perf_counter() - started) / 60,
+        "rows": rows,
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    table = markdown_table(rows)
+    output.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    for init in [i for i in encoders if i != "ssl"]:
+        print(f"ablation: {init} - random")
+        for key in sorted({(r["task"], r["setting"]) for r in rows}):
+            gain = paired_gain([r for r in rows if (r["task"], r["setting"]) == key], treatment=init)
+            if gain:
+                print(f"  {key[0]} | {key[1]}: {gain['gain']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}]")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
