@@ -130,3 +130,23 @@ def test_datalist_and_two_channel_trial_with_pretrained_encoder(tmp_path, real_c
     assert result["iou_mean"] == pytest.approx(np.mean(ious)) and result["iou_std"] == pytest.approx(
         np.std(ious)
     )
+
+
+def test_finetuning_stops_once_the_training_loss_stops_falling(real_crop):
+    """With a convergence window, training ends before the step cap once two windows in a row improve less
+    than the threshold; without it, every step runs."""
+    from jointssl_monai.apps.slicewise import finetune_slicewise
+
+    image, mask, _ = real_crop
+    volume = Volume("crop", torch.as_tensor(image / image.max())[None], torch.as_tensor(mask).long())
+    kwargs = dict(num_classes=2, backbone="resnet10", batch_size=2, image_size=32, seed=0)
+    fixed: list[float] = []
+    finetune_slicewise([volume], steps=30, loss_history=fixed, **kwargs)
+    assert len(fixed) == 30
+    # an improvement threshold no window can reach: stops after the third window, never before
+    stopped: list[float] = []
+    finetune_slicewise(
+        [volume], steps=30, converge_window=5, min_improvement=1.0, loss_history=stopped, **kwargs
+    )
+    assert len(stopped) == 15
+    assert stopped == fixed[:15]  # the same seeded run, cut short
