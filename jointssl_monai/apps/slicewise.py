@@ -45,11 +45,13 @@ __all__ = [
     "dice_3d",
     "find_cases",
     "finetune_slicewise",
+    "fit_slices",
     "iou_3d",
     "load_volume",
     "predict_volume",
     "protocol_volumes",
     "run_trials",
+    "volume_slices",
 ]
 
 logger = logging.getLogger(__name__)
@@ -160,14 +162,15 @@ def load_volume(
     return Volume(item["name"], image, classes)
 
 
-def _fit(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+def fit_slices(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     """Resize a batch of slices ``(N, C, h, w)`` to ``size x size`` (the authors' fixed slice size)."""
     return F.interpolate(
         x, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {})
     )
 
 
-def _slices(volume: Volume, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+def volume_slices(volume: Volume, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A volume's image and label as slices along ``axis``: ``(S, C, h, w)`` and ``(S, h, w)``."""
     # (S, C, h, w): the in-plane axes stay in MONAI's order ((X, Y) for axial slices), as in pretraining
     image = volume.image.movedim(1 + axis, 1).transpose(0, 1)
     label = volume.label.movedim(axis, 0)  # (S, h, w)
@@ -223,7 +226,7 @@ def finetune_slicewise(
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     pools = []
     for volume in train:
-        images, labels = _slices(volume, slice_axis)
+        images, labels = volume_slices(volume, slice_axis)
         fg = (labels.flatten(1) > 0).any(1)
         pools.append((images, labels, torch.nonzero(fg).flatten(), torch.arange(len(labels))))
     losses: list[float] = []
@@ -242,8 +245,8 @@ def finetune_slicewise(
             i = int(candidates[torch.randint(len(candidates), (1,), generator=generator)])
             xs.append(images[i])
             ys.append(labels[i])
-        x = _fit(torch.stack(xs), image_size, "bilinear")
-        y = _fit(torch.stack(ys)[:, None].float(), image_size, "nearest")
+        x = fit_slices(torch.stack(xs), image_size, "bilinear")
+        y = fit_slices(torch.stack(ys)[:, None].float(), image_size, "nearest")
         flip = torch.rand(len(x), generator=generator) < 0.5  # left-right flips (axis 0 of RAS slices)
         x[flip], y[flip] = x[flip].flip(2), y[flip].flip(2)
         gamma = torch.empty(len(x), 1, 1, 1).uniform_(0.7, 1.5, generator=generator)
@@ -263,11 +266,11 @@ def predict_volume(
     net: torch.nn.Module, volume: Volume, image_size: int = 128, slice_axis: int = 2, batch_size: int = 16
 ) -> torch.Tensor:
     """Segment every slice, resize back and stack: a label volume of ``volume.label``'s shape."""
-    images, labels = _slices(volume, slice_axis)
+    images, labels = volume_slices(volume, slice_axis)
     device = next(net.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        logits = net(_fit(images[start : start + batch_size], image_size, "bilinear").to(device))
+        logits = net(fit_slices(images[start : start + batch_size], image_size, "bilinear").to(device))
         logits = F.interpolate(logits.float().cpu(), size=tuple(labels.shape[1:]), mode="bilinear")
         out.append(logits.argmax(1))
     return torch.cat(out).movedim(0, slice_axis)

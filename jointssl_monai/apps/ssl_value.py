@@ -38,12 +38,12 @@ from jointssl_monai.apps.bundle_commands import find_bundle_dir, pretrain_comman
 from jointssl_monai.apps.sample_data import find_sample
 from jointssl_monai.apps.slicewise import (
     Volume,
-    _fit,
-    _slices,
     dice_3d,
     finetune_slicewise,
+    fit_slices,
     load_volume,
     predict_volume,
+    volume_slices,
 )
 from jointssl_monai.data.datalist import build_datalist, write_datalist
 from jointssl_monai.transfer import load_pretrained_encoder
@@ -326,8 +326,10 @@ def pretrain_encoder(
 
 
 def _axial(volume: Volume, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = _slices(volume, 2)
-    return _fit(images, size, "bilinear"), _fit(labels[:, None].float(), size, "nearest")[:, 0].long()
+    images, labels = volume_slices(volume, 2)
+    return fit_slices(images, size, "bilinear"), fit_slices(labels[:, None].float(), size, "nearest")[
+        :, 0
+    ].long()
 
 
 def frozen_encoder(backbone: str, encoder: str | Path | None, seed: int) -> torch.nn.Module:

@@ -1,6 +1,12 @@
 """Data: datalists, readers, slice-sequence and view transforms, mixed 2D/3D batching."""
 
-from jointssl_monai.data.batching import SKIPPED_KEY, MixedBatchSampler, collate_joint_ssl, validate_item
+from jointssl_monai.data.batching import (
+    SKIPPED_KEY,
+    MixedBatchSampler,
+    collate_joint_ssl,
+    split_batch,
+    validate_item,
+)
 from jointssl_monai.data.checks import DEFAULT_MAX_VOXELS, BadInputError, SkipLog
 from jointssl_monai.data.datalist import (
     DatalistSummary,
@@ -54,6 +60,7 @@ __all__ = [
     "load_ssl_image",
     "order_dicom_series",
     "pretrain_datalist",
+    "split_batch",
     "validate_item",
     "write_datalist",
 ]

@@ -19,8 +19,9 @@ from torch.utils.data import Sampler
 
 from jointssl_monai.data.checks import BadInputError
 from jointssl_monai.outputs import BATCH_KEYS
+from jointssl_monai.utils.arguments import check_int, check_number
 
-__all__ = ["SKIPPED_KEY", "MixedBatchSampler", "collate_joint_ssl", "validate_item"]
+__all__ = ["SKIPPED_KEY", "MixedBatchSampler", "collate_joint_ssl", "split_batch", "validate_item"]
 
 #: Key of the marker an item carries when a guarded pipeline skipped it (the value is the reason).
 SKIPPED_KEY = "skipped"
@@ -205,3 +206,17 @@ def collate_joint_ssl(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
     assert tuple(batch) == BATCH_KEYS  # the contract with the networks and the trainer
     return batch
+
+
+def split_batch(batch_size: int, image_fraction: float) -> tuple[int, int]:
+    """Volumes and 2D images per step for a ``batch_size`` of which ``image_fraction`` are images.
+
+    At least one volume per step (the volume level and masked modelling need one); the images are the
+    rounded rest of the fraction.
+
+    Returns:
+        ``(volumes_per_batch, images_per_batch)``.
+    """
+    check_int("batch_size", batch_size, 1)
+    check_number("image_fraction", image_fraction, 0, 1)
+    return max(1, round(batch_size * (1 - image_fraction))), round(batch_size * image_fraction)

@@ -37,6 +37,7 @@ from jointssl_monai.data.datalist import load_datalist
 from jointssl_monai.data.io import LoadSSLImaged
 from jointssl_monai.data.transforms import ResizeInPlaned, ScaleIntensityByModalityd, SliceSequenced
 from jointssl_monai.data.views import VOLUME_VIEW_TRANSFORMS, ImageViewsd, VolumeViewsd
+from jointssl_monai.utils.arguments import check_bool, check_int
 
 __all__ = [
     "GuardedTransform",
@@ -282,6 +283,13 @@ def build_pretrain_dataset(
         A MONAI ``Dataset``, ``CacheDataset`` or ``PersistentDataset``; ``dataset.data[i]["dims"]`` tells
         volumes from images (the batch sampler uses it) and ``"index"`` is the position in the datalist.
     """
+    check_int("num_slices", num_slices, 1)
+    if not isinstance(spatial_size, Sequence) or len(spatial_size) != 2:
+        raise ValueError(f"spatial_size must be a list of 2 integers >= 16 (H, W), got {spatial_size!r}")
+    for size in spatial_size:
+        check_int("spatial_size", size, 16)
+    check_bool("skip_bad_inputs", skip_bad_inputs)
+    check_int("seed", seed, 0)
     entries = load_datalist(datalist) if isinstance(datalist, (str, os.PathLike)) else list(datalist)
     data = []
     for i, entry in enumerate(entries):
@@ -370,6 +378,7 @@ def build_pretrain_loader(
     """A ``DataLoader`` over ``dataset`` with :class:`MixedBatchSampler` and :func:`collate_joint_ssl`.
 
     ``num_replicas``/``rank`` default to the torch.distributed world, so every rank sees a disjoint share.
+    :func:`split_batch` turns a config's ``batch_size`` and ``image_fraction`` into the two counts.
     Call ``loader.batch_sampler.set_epoch(epoch)`` each epoch (the trainer does) for a new, rank-consistent
     shuffle; it also reseeds the random transforms from ``(seed, epoch, rank)`` (and the worker index), so an
     epoch's batches and augmentations do not depend on what ran before it: resuming is exact.

@@ -9,6 +9,7 @@ from typing import Any
 
 from jointssl_monai.data.checks import BadInputError
 from jointssl_monai.data.datalist import build_datalist, load_datalist, validate_datalist
+from jointssl_monai.utils.arguments import check_bool
 
 __all__ = ["pretrain_datalist"]
 
@@ -26,6 +27,9 @@ def pretrain_datalist(
         ValueError: neither is given.
         BadInputError: nothing usable was found.
     """
+    check_bool("skip_bad_inputs", skip_bad_inputs)
+    if dataset_dir is not None and not isinstance(dataset_dir, (str, os.PathLike, list, tuple)):
+        raise ValueError(f"dataset_dir must be a path string or null, got {dataset_dir!r}")
     if datalist is not None:
         if isinstance(datalist, (str, os.PathLike)):
             entries = load_datalist(datalist, skip_bad_inputs=skip_bad_inputs)

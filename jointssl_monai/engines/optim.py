@@ -12,6 +12,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from jointssl_monai.utils.arguments import check_int, check_number
+
 __all__ = ["LARS", "build_optimizer", "parameter_groups", "warmup_cosine_lambda", "warmup_cosine_scheduler"]
 
 
@@ -98,6 +100,8 @@ def build_optimizer(
     momentum: float = 0.9,
 ) -> torch.optim.Optimizer:
     """Make the optimiser named in the config: ``"lars"`` (SGD + trust ratio), ``"sgd"`` or ``"adamw"``."""
+    check_number("lr", lr, 0, exclusive_minimum=True)
+    check_number("weight_decay", weight_decay, 0)
     groups = parameter_groups(network, weight_decay)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -138,6 +142,10 @@ def warmup_cosine_scheduler(
 
     Step it every iteration, e.g. with ``LrScheduleHandler(epoch_level=False)``.
     """
+    check_int("max_epochs", max_epochs, 1)
+    check_int("warmup_epochs", warmup_epochs, 0)
+    if warmup_epochs > max_epochs:
+        raise ValueError(f"warmup_epochs must be <= max_epochs ({max_epochs}), got {warmup_epochs}")
     total = max_epochs * iterations_per_epoch
     warmup = warmup_epochs * iterations_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(warmup, total, final_ratio))

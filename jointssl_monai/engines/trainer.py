@@ -27,6 +27,7 @@ from torch import nn
 from jointssl_monai.engines.utils import DIAGNOSTIC_SUFFIXES, prepare_ssl_batch, unwrap
 from jointssl_monai.networks import JointSSLNet
 from jointssl_monai.outputs import JointSSLOutput
+from jointssl_monai.utils.arguments import check_number
 
 __all__ = ["JointSSLTrainer", "NonFiniteLossError"]
 
@@ -103,6 +104,8 @@ class JointSSLTrainer(Trainer):
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
         if nonfinite_policy not in ("stop", "skip"):
             raise ValueError(f"nonfinite_policy must be 'stop' or 'skip', got {nonfinite_policy!r}")
+        if grad_clip_norm is not None:
+            check_number("grad_clip_norm", grad_clip_norm, 0, exclusive_minimum=True)
         if slices_per_sample < 1:
             raise ValueError(f"slices_per_sample must be >= 1, got {slices_per_sample}")
         super().__init__(

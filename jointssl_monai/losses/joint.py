@@ -17,6 +17,7 @@ from jointssl_monai.losses.diagnostics import cluster_diagnostics, occupancy_dia
 from jointssl_monai.losses.masked import MaskedEmbeddingLoss
 from jointssl_monai.losses.swav import SwAVLoss
 from jointssl_monai.outputs import ClusterBranch, JointSSLOutput
+from jointssl_monai.utils.arguments import check_int, check_number
 from jointssl_monai.utils.dist import all_reduce_max, is_dist, world_size
 
 __all__ = ["CLUSTERING_METHODS", "LEVELS", "JointSSLLoss", "prototype_heads"]
@@ -39,12 +40,18 @@ def _method(level: str, method: str | None) -> str | None:
     return method
 
 
-def prototype_heads(count: int | Sequence[int], method: str | None) -> list[int]:
+def prototype_heads(count: int | Sequence[int], method: str | None, name: str = "prototypes") -> list[int]:
     """Prototype counts per head: a sequence as given; an integer ``K`` gives ``[K]`` for SwAV (or a disabled
-    level) and ``[K] * 3`` for DeepCluster-v2 (three k-means heads, as in its reference recipe)."""
-    if isinstance(count, int):
-        return [count] * (DEEPCLUSTER_HEADS if method == "deepcluster" else 1)
-    return [int(k) for k in count]
+    level) and ``[K] * 3`` for DeepCluster-v2 (three k-means heads, as in its reference recipe). Every head
+    needs at least 2 prototypes (``name`` is the argument named in the error)."""
+    heads = count
+    if isinstance(count, int) and not isinstance(count, bool):
+        heads = [count] * (DEEPCLUSTER_HEADS if method == "deepcluster" else 1)
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence) or not heads:
+        raise ValueError(f"{name} must be an integer >= 2 or a non-empty list of them, got {count!r}")
+    for k in heads:
+        check_int(name, k, 2)
+    return list(heads)
 
 
 class JointSSLLoss(_Loss):
@@ -115,13 +122,24 @@ class JointSSLLoss(_Loss):
     ) -> None:
         super().__init__()
         methods = {"intra": _method("intra", intra_method), "inter": _method("inter", inter_method)}
-        self.w_intra, self.w_inter, self.w_mask = float(w_intra), float(w_inter), float(w_mask)
+        self.w_intra = check_number("w_intra", w_intra, 0)
+        self.w_inter = check_number("w_inter", w_inter, 0)
+        self.w_mask = check_number("w_mask", w_mask, 0)
+        check_number("temperature", temperature, 0, exclusive_minimum=True)
+        check_number("sinkhorn_epsilon", sinkhorn_epsilon, 0, exclusive_minimum=True)
+        check_int("sinkhorn_iterations", sinkhorn_iterations, 1)
+        check_int("intra_queue_length", intra_queue_length, 0)
+        check_int("inter_queue_length", inter_queue_length, 0)
+        check_int("kmeans_iterations", kmeans_iterations, 1)
+        check_int("seed", seed, 0)
         weights = {"intra": self.w_intra, "inter": self.w_inter}
         counts = {"intra": intra_prototypes, "inter": inter_prototypes}
         queues = {"intra": intra_queue_length, "inter": inter_queue_length}
         banks = {"intra": intra_bank_size, "inter": inter_bank_size}
         self._methods = {level: methods[level] if weights[level] > 0 else None for level in LEVELS}
-        self._heads = {level: prototype_heads(counts[level], methods[level]) for level in LEVELS}
+        self._heads = {
+            level: prototype_heads(counts[level], methods[level], f"{level}_prototypes") for level in LEVELS
+        }
         for level in LEVELS:
             criterion: _Loss | None = None
             if self._methods[level] == "swav":

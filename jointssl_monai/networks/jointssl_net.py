@@ -20,6 +20,7 @@ from jointssl_monai.networks.heads import MultiPrototypes, ProjectionHead
 from jointssl_monai.networks.masked_modeling import MaskedSliceModeling
 from jointssl_monai.networks.slice_encoder import SliceEncoder
 from jointssl_monai.outputs import ClusterBranch, JointSSLOutput
+from jointssl_monai.utils.arguments import check_int
 
 __all__ = ["JointSSLNet"]
 
@@ -112,6 +113,11 @@ class JointSSLNet(nn.Module):
         super().__init__()
         if not (use_intra or use_inter or use_mask):
             raise ValueError("JointSSLNet: at least one of use_intra, use_inter, use_mask must be True.")
+        check_int("d_model", d_model, 1)
+        check_int("num_layers", num_layers, 0)
+        check_int("ff_dim", ff_dim, 1)
+        if use_mask and mask_ratio == 0:
+            raise ValueError("mask_ratio must be > 0 when masked slice modelling is on (w_mask > 0), got 0")
         self.use_intra, self.use_inter, self.use_mask = use_intra, use_inter, use_mask
         self.freeze_encoder = freeze_encoder
         self.in_channels = in_channels

@@ -17,6 +17,8 @@ from monai.networks.nets.resnet import ResNetEncoder
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from jointssl_monai.utils.arguments import check_int
+
 __all__ = ["SliceEncoder"]
 
 
@@ -57,6 +59,7 @@ class SliceEncoder(nn.Module):
     ) -> None:
         super().__init__()
         names = ResNetEncoder.backbone_names
+        check_int("in_channels", in_channels, 1)
         if backbone not in names:
             raise ValueError(f"SliceEncoder: unknown backbone {backbone!r}, expected one of {names}.")
         if conv1_t_stride not in (1, 2):

@@ -16,7 +16,7 @@ import pytest
 from monai.bundle import ConfigParser
 from monai.transforms import Compose, LoadImage, Resize
 
-from jointssl_monai.apps.slicewise import _slices, load_volume
+from jointssl_monai.apps.slicewise import load_volume, volume_slices
 from jointssl_monai.data import build_pretrain_dataset, build_pretrain_transforms
 
 TRAIN_CONFIG = Path(__file__).resolve().parents[2] / "bundle" / "configs" / "train.json"
@@ -75,7 +75,7 @@ def test_pretraining_slices_are_the_finetuning_slices(colin27_both_ways):
 def test_slicewise_protocol_slices_are_the_train_config_planes(colin27_both_ways):
     item, volume = colin27_both_ways["item"], colin27_both_ways["finetune"]
     case = load_volume({"image": [item["image"]], "label": item["label"], "name": "colin27"}, pixdim=PIXDIM)
-    images, _ = _slices(case, 2)  # (S, C, X, Y): what the 2D U-Net of the protocol is trained on
+    images, _ = volume_slices(case, 2)  # (S, C, X, Y): what the 2D U-Net of the protocol is trained on
     # the protocol reads, orients and scales like train.json: the same planes, the same axis order
     np.testing.assert_allclose(images[:, 0].movedim(0, -1).numpy(), np.asarray(volume[0]), atol=1e-5)
     slices = np.asarray(colin27_both_ways["pretrain"]["image"])
