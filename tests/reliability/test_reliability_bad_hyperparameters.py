@@ -65,10 +65,10 @@ def datalist(tmp_path_factory) -> Path:
     return small_real_datalist(tmp_path_factory.mktemp("bad_hyperparameters"))
 
 
-def _parser(datalist: Path, root: Path, **changes) -> ConfigParser:
+def _parser(data: Path, root: Path, **changes) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "pretrain.json"))
-    for key, value in {**TINY, "cache": "none", "max_epochs": 100, "datalist": str(datalist),
+    for key, value in {**TINY, "cache": "none", "max_epochs": 100, "datalist": str(data),
                        "bundle_root": str(root), **changes}.items():  # fmt: skip
         parser[key] = value
     return parser
