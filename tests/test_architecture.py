@@ -19,7 +19,7 @@ ALLOWED = {
     "outputs": set(),
     "utils": set(),
     "data": {"outputs", "utils"},
-    "networks": {"outputs"},
+    "networks": {"outputs", "utils"},
     "losses": {"outputs", "utils"},
     "engines": {"outputs", "utils", "networks", "losses", "data"},
     "transfer": {"utils", "networks"},

@@ -285,9 +285,9 @@ def build_pretrain_dataset(
     """
     check_int("num_slices", num_slices, 1)
     if not isinstance(spatial_size, Sequence) or len(spatial_size) != 2:
-        raise ValueError(f"spatial_size must be a list of 2 integers >= 16 (H, W), got {spatial_size!r}")
+        raise ValueError(f"spatial_size must be a list of 2 integers >= 1 (H, W), got {spatial_size!r}")
     for size in spatial_size:
-        check_int("spatial_size", size, 16)
+        check_int("spatial_size", size, 1)
     check_bool("skip_bad_inputs", skip_bad_inputs)
     check_int("seed", seed, 0)
     entries = load_datalist(datalist) if isinstance(datalist, (str, os.PathLike)) else list(datalist)
