@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import FlexibleUNet
 
-from jointssl_monai.apps.bundle_commands import find_bundle_dir, pretrain_command
+from jointssl_monai.apps.bundle_commands import DEMO_OVERRIDES, find_bundle_dir, pretrain_command
 from jointssl_monai.apps.sample_data import find_sample
 from jointssl_monai.apps.slicewise import (
     Volume,
@@ -75,24 +75,15 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
 }
 
 #: A small configuration of the paper's model for 2 CPU cores (ResNet-18, 64 x 64 slices, random windows of
-#: 16 slices so that a few volumes give many different sequences). A GPU user passes larger values.
+#: 16 slices so that a few volumes give many different sequences): the demo's model, sized to more data. A GPU
+#: user passes larger values.
 CPU_SETTINGS: dict[str, Any] = {
-    "backbone": "resnet18",
-    "d_model": 128,
-    "num_layers": 2,
-    "ff_dim": 256,
-    "proj_hidden_dim": 256,
-    "proj_dim": 64,
+    **{key: value for key, value in DEMO_OVERRIDES.items() if key != "max_epochs"},  # the budget sets it
     "intra_prototypes": 64,
     "inter_prototypes": 3,
-    "num_slices": 16,
     "slice_policy": "random",
-    "spatial_size": [64, 64],
     "batch_size": 8,
-    "warmup_epochs": 1,
     "freeze_prototypes_iterations": 20,
-    "cache": "memory",
-    "num_workers": 1,
     "log_interval": 10,
 }
 
@@ -353,10 +344,6 @@ def hypercolumns(encoder: torch.nn.Module, images: torch.Tensor, batch: int = 32
     return torch.cat(out)
 
 
-def _dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> float:
-    return dice_3d(pred, label, num_classes)
-
-
 class ProbeFeatures:
     """The frozen hypercolumns of a task's training volume (every axial slice) and test volumes, computed
     once per encoder so that every probe (label count, seed) only trains its 1x1 head.
@@ -397,7 +384,7 @@ def linear_probe(features: ProbeFeatures, count: int, seed: int, steps: int = 30
     with torch.no_grad():
         for test, test_labels in features.test:
             pred = torch.cat([head((chunk.float() - mean) / std).argmax(1) for chunk in test.split(16)])
-            scores.append(_dice(pred, test_labels, task.num_classes))
+            scores.append(dice_3d(pred, test_labels, task.num_classes))
     return float(np.mean(scores))
 
 
@@ -413,7 +400,7 @@ def intensity_rule(task: SliceTask, count: int, seed: int, size: int, bins: int 
     for volume in task.test:
         test_images, test_labels = _axial(volume, size)
         pred = rule[(test_images[:, 0].clamp(0, 1) * (bins - 1)).round().long()]
-        scores.append(_dice(pred, test_labels, task.num_classes))
+        scores.append(dice_3d(pred, test_labels, task.num_classes))
     return float(np.mean(scores))
 
 
@@ -464,5 +451,5 @@ def finetune_dice(
         steps=max_steps, batch_size=8, image_size=size, seed=seed, converge_window=100, min_improvement=0.05,
         loss_history=losses,
     )  # fmt: skip
-    scores = [_dice(predict_volume(net, v, image_size=size), v.label, task.num_classes) for v in task.test]
+    scores = [dice_3d(predict_volume(net, v, image_size=size), v.label, task.num_classes) for v in task.test]
     return float(np.mean(scores)), len(losses)
