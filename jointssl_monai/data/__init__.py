@@ -3,6 +3,7 @@
 from jointssl_monai.data.batching import (
     SKIPPED_KEY,
     MixedBatchSampler,
+    SampleKey,
     collate_joint_ssl,
     split_batch,
     validate_item,
@@ -46,6 +47,7 @@ __all__ = [
     "LoadSSLImaged",
     "MixedBatchSampler",
     "ResizeInPlaned",
+    "SampleKey",
     "ScaleIntensityByModalityd",
     "SkipLog",
     "SliceSequenced",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,12 +21,49 @@ from jointssl_monai.data.checks import BadInputError
 from jointssl_monai.outputs import BATCH_KEYS
 from jointssl_monai.utils.arguments import check_int, check_number
 
-__all__ = ["SKIPPED_KEY", "MixedBatchSampler", "collate_joint_ssl", "split_batch", "validate_item"]
+__all__ = [
+    "SKIPPED_KEY",
+    "MixedBatchSampler",
+    "SampleKey",
+    "collate_joint_ssl",
+    "item_seed",
+    "split_batch",
+    "validate_item",
+]
 
 #: Key of the marker an item carries when a guarded pipeline skipped it (the value is the reason).
 SKIPPED_KEY = "skipped"
 
 logger = logging.getLogger(__name__)
+
+
+def item_seed(*parts: int) -> int:
+    """A 32-bit seed mixed from non-negative integers (NumPy's ``SeedSequence``: nearby inputs, unrelated
+    seeds)."""
+    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1)[0])
+
+
+class SampleKey(int):
+    """A dataset index that carries the seed of its item's augmentations.
+
+    :class:`MixedBatchSampler` yields these; the pretraining datasets reseed their random transforms from
+    :attr:`seed` before they transform the item. An item's views then depend on its place in the epoch only,
+    not on the loader worker that draws it, on what that worker drew before, or on where a run was resumed.
+    Plain ``int`` everywhere else (``dataset.data[key]`` works), and it pickles into loader workers.
+    """
+
+    seed: int
+
+    def __new__(cls, index: int, seed: int) -> SampleKey:
+        key = super().__new__(cls, index)
+        key.seed = int(seed)
+        return key
+
+    def __reduce__(self) -> tuple:
+        return SampleKey, (int(self), self.seed)
+
+    def __repr__(self) -> str:
+        return f"SampleKey({int(self)}, seed={self.seed})"
 
 
 class MixedBatchSampler(Sampler[list[int]]):
@@ -37,6 +74,11 @@ class MixedBatchSampler(Sampler[list[int]]):
     by wrapping around so all ranks run the same number of steps), and cuts batches. The epoch lasts until the
     longer stream is used up; the shorter one restarts with a fresh permutation (its items are then seen more
     than once). Call :meth:`set_epoch` at every epoch, as with ``DistributedSampler``.
+
+    The indices are :class:`SampleKey` s: each carries the seed of its item's augmentations, mixed from
+    ``(seed, epoch, kind, position in the epoch's stream)``. The views of an epoch are therefore the same with
+    any number of loader workers, with persistent workers, and in a run resumed in the middle of the epoch
+    (``set_epoch(epoch, start_batch)``).
 
     Args:
         dims: ``dims`` (2 or 3) of every dataset item, in dataset order.
@@ -84,13 +126,13 @@ class MixedBatchSampler(Sampler[list[int]]):
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
-        self.epoch_callbacks: list[Callable[[int], None]] = []
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch (it seeds the permutation) and call every ``epoch_callbacks`` entry with it."""
-        self.epoch = epoch
-        for callback in self.epoch_callbacks:
-            callback(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Set the epoch (it seeds the permutation and the augmentations); the next iteration over the
+        sampler yields the epoch's batches from number ``start_batch`` on (a run resumed mid-epoch)."""
+        check_int("start_batch", start_batch, 0)
+        self.epoch, self.start_batch = epoch, start_batch
 
     def _share(self, indices: list[int]) -> int:
         return math.ceil(len(indices) / self.num_replicas)
@@ -105,23 +147,30 @@ class MixedBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return int(max(self._num_batches("volumes", self.volumes), self._num_batches("images", self.images)))
 
-    def _stream(self, indices: list[int], rng: np.random.Generator) -> Iterator[int]:
-        """This rank's share of ``indices``, repeated with fresh permutations forever."""
+    def _stream(self, indices: list[int], rng: np.random.Generator) -> Iterator[tuple[int, int]]:
+        """This rank's share of ``indices``, repeated with fresh permutations forever, as ``(index,
+        position)``; the position counts every rank's items of the stream, so it is the same whatever the
+        number of processes."""
+        start = 0
         while True:
             order = [indices[i] for i in rng.permutation(len(indices))] if self.shuffle else list(indices)
             total = self._share(indices) * self.num_replicas
             order = (order * (total // max(len(order), 1) + 1))[:total]  # wrap to equal shares
-            yield from order[self.rank :: self.num_replicas]
+            for position in range(self.rank, total, self.num_replicas):
+                yield order[position], start + position
+            start += total
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[SampleKey]]:
         rng = np.random.default_rng(self.seed + self.epoch)
         streams = {"volumes": self._stream(self.volumes, rng), "images": self._stream(self.images, rng)}
-        for _ in range(len(self)):
-            batch: list[int] = []
-            for kind in ("volumes", "images"):
-                if self.per_batch[kind]:
-                    batch += [next(streams[kind]) for _ in range(self.per_batch[kind])]
-            yield batch
+        for number in range(len(self)):
+            batch: list[SampleKey] = []
+            for kind_id, kind in enumerate(("volumes", "images")):
+                for _ in range(self.per_batch[kind]):
+                    index, position = next(streams[kind])
+                    batch.append(SampleKey(index, item_seed(self.seed, self.epoch, kind_id, position)))
+            if number >= self.start_batch:  # earlier batches are drawn all the same: the streams stay in step
+                yield batch
 
 
 def validate_item(item: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]] | None = None) -> None:

@@ -31,7 +31,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.transforms import Compose, Orientationd, Randomizable, Spacingd, Transform
 from torch.utils.data import DataLoader
 
-from jointssl_monai.data.batching import SKIPPED_KEY, MixedBatchSampler, collate_joint_ssl
+from jointssl_monai.data.batching import SKIPPED_KEY, MixedBatchSampler, SampleKey, collate_joint_ssl
 from jointssl_monai.data.checks import DEFAULT_MAX_VOXELS, BadInputError, SkipLog, describe_path
 from jointssl_monai.data.datalist import load_datalist
 from jointssl_monai.data.io import LoadSSLImaged
@@ -81,8 +81,14 @@ def find_bad_input(err: BaseException | None) -> BadInputError | None:
 
 
 class _UnwrapBadInput:
-    """Dataset mixin: re-raise a bad input as the plain :class:`BadInputError` naming the file, instead of
+    """Dataset mixin: reseed the random transforms from a :class:`~jointssl_monai.data.batching.SampleKey`'s
+    seed before the item; re-raise a bad input as the plain :class:`BadInputError` naming the file, instead of
     MONAI's generic ``RuntimeError("applying transform ...")``."""
+
+    def __getitem__(self, index: Any):
+        if isinstance(index, SampleKey):
+            self.transform.set_random_state(seed=index.seed)
+        return super().__getitem__(index)
 
     def _transform(self, index: int):
         try:
@@ -333,35 +339,6 @@ def _settings_hash(settings: Mapping[str, Any], _transforms: Any = None) -> byte
     return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest().encode("utf-8")
 
 
-def _augmentation_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([p % 2**63 for p in parts]).generate_state(1)[0])
-
-
-def _reseed_transforms(dataset: Dataset, seed: int) -> None:
-    transform = getattr(dataset, "transform", None)
-    if hasattr(transform, "set_random_state"):
-        transform.set_random_state(seed=seed)
-
-
-def _worker_init(worker_id: int, sampler: MixedBatchSampler, seed: int = 0) -> None:
-    # Each loader worker gets its own augmentation stream (MONAI transforms draw from numpy generators),
-    # derived from (seed, epoch, rank, worker) only: the rank is mixed in so that ranks do not augment in
-    # lockstep, and nothing depends on torch's per-iterator base seed. Workers start when an epoch's iterator
-    # is created, after ``set_epoch``; persistent workers keep the stream of their first epoch.
-    info = torch.utils.data.get_worker_info()
-    _reseed_transforms(info.dataset, _augmentation_seed(seed, sampler.epoch, sampler.rank, worker_id + 1))
-
-
-def _reseed_for_epoch(epoch: int, dataset: Dataset, seed: int, rank: int) -> None:
-    """Reseed the random transforms (views, random slice windows) from ``(seed, epoch, rank)`` alone.
-
-    MONAI transforms keep their own NumPy ``RandomState`` (``Randomizable.R``), which no checkpoint holds.
-    Reseeding at every epoch start makes an epoch's augmentations a function of ``(seed, epoch, rank)``: a
-    run resumed from an epoch-end checkpoint replays the next epoch exactly as the uninterrupted run did.
-    """
-    _reseed_transforms(dataset, _augmentation_seed(seed, epoch, rank))
-
-
 def build_pretrain_loader(
     dataset: Dataset,
     volumes_per_batch: int = 2,
@@ -380,25 +357,23 @@ def build_pretrain_loader(
     ``num_replicas``/``rank`` default to the torch.distributed world, so every rank sees a disjoint share.
     :func:`split_batch` turns a config's ``batch_size`` and ``image_fraction`` into the two counts.
     Call ``loader.batch_sampler.set_epoch(epoch)`` each epoch (the trainer does) for a new, rank-consistent
-    shuffle; it also reseeds the random transforms from ``(seed, epoch, rank)`` (and the worker index), so an
-    epoch's batches and augmentations do not depend on what ran before it: resuming is exact.
+    shuffle. The sampler's keys carry a seed per item, from which the dataset reseeds its random transforms
+    (:class:`~jointssl_monai.data.batching.SampleKey`), so an epoch's batches and augmentations do not depend
+    on what ran before, on the workers, or on where a run resumed: resuming is exact, also mid-epoch. The
+    loader draws its workers' base seed from its own generator, not from torch's global one, which the
+    checkpoints restore.
     """
     dims = [int(item["dims"]) for item in dataset.data]
     sampler = MixedBatchSampler(
         dims, volumes_per_batch, images_per_batch, shuffle=shuffle, seed=seed,
         num_replicas=num_replicas, rank=rank, drop_last=drop_last,
     )  # fmt: skip
-    if num_workers == 0:  # the transforms run in this process: reseed them at every set_epoch
-        sampler.epoch_callbacks.append(
-            functools.partial(_reseed_for_epoch, dataset=dataset, seed=seed, rank=sampler.rank)
-        )
-        _reseed_for_epoch(sampler.epoch, dataset, seed, sampler.rank)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=collate_joint_ssl,
         num_workers=num_workers,
-        worker_init_fn=functools.partial(_worker_init, sampler=sampler, seed=seed) if num_workers else None,
+        generator=torch.Generator().manual_seed(seed),
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
     )

@@ -24,7 +24,8 @@ from monai.engines.utils import IterationEvents
 from monai.engines.workflow import Workflow
 from torch import nn
 
-from jointssl_monai.engines.utils import DIAGNOSTIC_SUFFIXES, prepare_ssl_batch, unwrap
+from jointssl_monai.data.batching import MixedBatchSampler
+from jointssl_monai.engines.utils import DIAGNOSTIC_SUFFIXES, batches_done_in_epoch, prepare_ssl_batch, unwrap
 from jointssl_monai.networks import JointSSLNet
 from jointssl_monai.outputs import JointSSLOutput
 from jointssl_monai.utils.arguments import check_number
@@ -147,7 +148,12 @@ class JointSSLTrainer(Trainer):
         # MONAI sets the epoch of a DistributedSampler; our mixed batch sampler needs the same, so that each
         # epoch is shuffled differently and identically on every rank.
         batch_sampler = getattr(self.data_loader, "batch_sampler", None)
-        if batch_sampler is not None and hasattr(batch_sampler, "set_epoch"):
+        if isinstance(batch_sampler, MixedBatchSampler):
+            self.add_event_handler(
+                Events.EPOCH_STARTED,
+                lambda engine: batch_sampler.set_epoch(engine.state.epoch, batches_done_in_epoch(engine)),
+            )
+        elif batch_sampler is not None and hasattr(batch_sampler, "set_epoch"):
             self.add_event_handler(
                 Events.EPOCH_STARTED, lambda engine: batch_sampler.set_epoch(engine.state.epoch)
             )

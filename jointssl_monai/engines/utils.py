@@ -7,7 +7,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DIAGNOSTIC_SUFFIXES", "iteration_output", "loss_scalars", "prepare_ssl_batch", "unwrap"]
+__all__ = [
+    "DIAGNOSTIC_SUFFIXES",
+    "batches_done_in_epoch",
+    "iteration_output",
+    "loss_scalars",
+    "prepare_ssl_batch",
+    "unwrap",
+]
 
 #: Suffixes of the collapse diagnostics in an iteration's output (``intra_clusters_used``, ...), which are
 #: reported as they are, not as ``loss_<component>``.
@@ -24,6 +31,16 @@ def iteration_output(engine_or_output: Any) -> dict:
     if isinstance(output, list) and output and isinstance(output[0], dict):
         return output[0]
     return output if isinstance(output, dict) else {}
+
+
+def batches_done_in_epoch(engine: Any) -> int:
+    """Iterations of the current epoch already run when it starts: 0, except in a run resumed from a
+    checkpoint written in the middle of an epoch (``checkpoint_iteration_interval``), which goes on there.
+
+    Read at ``Events.EPOCH_STARTED``, when ``state.iteration`` still holds the iterations of earlier epochs.
+    """
+    length = engine.state.epoch_length
+    return engine.state.iteration % length if length else 0
 
 
 def unwrap(network: nn.Module) -> nn.Module:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from ignite.engine import Events
 
-from jointssl_monai.engines.utils import unwrap
+from jointssl_monai.engines.utils import batches_done_in_epoch, unwrap
 from jointssl_monai.losses import LEVELS
 
 if TYPE_CHECKING:
@@ -91,6 +91,10 @@ class DeepClusterHandler:
     @torch.no_grad()
     def cluster(self, engine: JointSSLTrainer) -> None:
         """k-means on every non-empty bank; copy the centroids into the level's prototypes."""
+        if batches_done_in_epoch(engine):
+            # Resumed mid-epoch: this epoch's centroids, pseudo-labels and prototypes came with the
+            # checkpoint; clustering again would use a bank the uninterrupted run had not seen at this point.
+            return
         network = unwrap(self.network)
         for level, loss in self.levels.items():
             if loss.rows_in_bank() == 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -13,6 +15,7 @@ from jointssl_monai.data import (
     BadInputError,
     ImageViewsd,
     MixedBatchSampler,
+    SampleKey,
     SliceSequenced,
     VolumeViewsd,
     build_pretrain_dataset,
@@ -152,6 +155,53 @@ def test_sampler_mixes_in_ratio_and_shards_disjointly_per_epoch():
     assert list(again) == seen[0]  # deterministic given (seed, epoch)
     shards[0].set_epoch(0)
     assert list(shards[0]) != seen[0]  # and a new shuffle each epoch
+
+
+def test_sampler_resumed_inside_an_epoch_yields_the_rest_with_the_same_item_seeds():
+    dims = [3] * 6 + [2] * 9
+    sampler = MixedBatchSampler(dims, 2, 1, seed=5)
+    sampler.set_epoch(3)
+    full = [[(int(k), k.seed) for k in batch] for batch in sampler]
+    assert len(full) == 9  # 9 images, one a batch; the 6 volumes go round 1.5 times
+    sampler.set_epoch(3, start_batch=4)
+    assert [[(int(k), k.seed) for k in batch] for batch in sampler] == full[4:]
+    seeds = [seed for batch in full for _, seed in batch]
+    assert len(set(seeds)) == len(seeds)  # an item met twice in an epoch is augmented twice, differently
+    sampler.set_epoch(4)
+    assert not {seed for batch in sampler for seed in (k.seed for k in batch)} & set(seeds)
+    # the seed belongs to the place in the epoch, not to the process count: rank 1 of 2 draws the odd places
+    shard = MixedBatchSampler(dims, 1, 1, seed=5, num_replicas=2, rank=0)
+    shard.set_epoch(3)
+    assert next(iter(shard))[0].seed == full[0][0][1]
+
+
+def test_item_views_depend_on_the_sampler_key_alone(colin_small, itk_pd_slice_png):
+    datalist = [{"image": str(colin_small), "dims": 3, "modality": "MR"},
+                {"image": str(itk_pd_slice_png), "dims": 2, "modality": "MR"}]  # fmt: skip
+    dataset = build_pretrain_dataset(datalist, num_slices=8, spatial_size=(16, 16), slice_policy="random")
+    key = SampleKey(0, seed=1234)
+    first = dataset[key]["views"]
+    dataset[SampleKey(1, seed=99)], dataset[1]  # draws in between, as another loader worker's history
+    again = dataset[pickle.loads(pickle.dumps(key))]["views"]  # as sent to a loader worker
+    other = dataset[SampleKey(0, seed=1235)]["views"]
+    for a, b in zip(first, again, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(first[0], other[0])
+
+
+def test_loader_batches_are_the_same_with_and_without_workers(colin_small, itk_t1, itk_pd_slice_png):
+    datalist = [{"image": str(path), "dims": dims, "modality": "MR"}
+                for path, dims in ((colin_small, 3), (itk_t1, 3), (itk_pd_slice_png, 2))]  # fmt: skip
+    batches = {}
+    for workers in (0, 2):
+        dataset = build_pretrain_dataset(datalist, num_slices=8, spatial_size=(16, 16), seed=3)
+        loader = build_pretrain_loader(dataset, 1, 1, num_workers=workers, seed=3, persistent_workers=True)
+        loader.batch_sampler.set_epoch(2)
+        batches[workers] = [torch.cat([b["volume_views"][0].flatten(), b["image_views"][1].flatten()])
+                            for b in loader]  # fmt: skip
+    assert len(batches[0]) == 2
+    for a, b in zip(batches[0], batches[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_collate_refuses_a_bad_item_by_name():

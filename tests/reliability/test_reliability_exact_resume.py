@@ -11,6 +11,12 @@ start, so the epoch cut short by the kill is replayed identically.
 
 The kill is deterministic: a handler added by an extra config sends SIGKILL to its own process when a given
 iteration in the middle of epoch 3 completes, so the run always dies after the checkpoints of epochs 1 and 2.
+
+Mid-epoch resume: with iteration checkpoints (``checkpoint_iteration_interval``), 2 persistent loader workers
+and a memory cache, the run is killed right after a checkpoint written inside epoch 3; the resumed run starts
+at that iteration, draws the rest of the epoch's batches with the uninterrupted run's augmentations (every
+item's seed comes with its index from the sampler), skips the clustering that opened the epoch, and ends at
+the uninterrupted weights.
 """
 
 from __future__ import annotations
@@ -32,9 +38,14 @@ pytestmark = pytest.mark.slow
 
 MAX_EPOCHS = 4
 SETTINGS = {"max_epochs": MAX_EPOCHS, "checkpoint_interval": 1, "cache": "memory", "num_workers": 0}
-METHODS = {
-    "deepcluster": {"intra_method": "deepcluster", "inter_method": "deepcluster", "intra_prototypes": 6},
-    "swav": {"intra_method": "swav", "inter_method": "swav"},
+DEEPCLUSTER = {"intra_method": "deepcluster", "inter_method": "deepcluster", "intra_prototypes": 6}
+SWAV = {"intra_method": "swav", "inter_method": "swav"}
+MID_EPOCH = {"checkpoint_iteration_interval": 2, "num_workers": 2, "persistent_workers": True}
+CASES = {
+    "deepcluster": {**SETTINGS, **DEEPCLUSTER},
+    "swav": {**SETTINGS, **SWAV},
+    # the default volume level (DeepCluster-v2) and slice level (SwAV), checkpoints inside the epoch, workers
+    "mid_epoch_workers": {**SETTINGS, **MID_EPOCH},
 }
 KILL_HANDLER = """
 import os
@@ -64,7 +75,7 @@ def _runs(root: Path) -> list[dict]:
     return json.loads((root / "runs" / "pretrain" / "provenance.json").read_text())["runs"]
 
 
-def _killed_at(root: Path, iteration: int, datalist: str, method: str) -> int:
+def _killed_at(root: Path, iteration: int, datalist: str, case: str) -> int:
     """Run the bundle with a handler that kills it when ``iteration`` completes; return its exit status."""
     (root / "kill_at.py").write_text(KILL_HANDLER)
     extra = root / "kill_at.json"
@@ -72,7 +83,7 @@ def _killed_at(root: Path, iteration: int, datalist: str, method: str) -> int:
         "kill_at": {"_target_": "kill_at.KillAt", "iteration": iteration},
         "train#run_handlers": "$@train#handlers + @train#rank0_handlers + [@kill_at]",
     }))  # fmt: skip
-    command = bundle_command(root, [extra], datalist=datalist, **SETTINGS, **METHODS[method])
+    command = bundle_command(root, [extra], datalist=datalist, **CASES[case])
     path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
@@ -80,13 +91,13 @@ def _killed_at(root: Path, iteration: int, datalist: str, method: str) -> int:
     return result.returncode
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_sigkill_mid_epoch_then_resume_loads_the_checkpoint_and_gives_the_uninterrupted_weights(
-    method, tmp_path
+    case, tmp_path
 ):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     reference.mkdir(), killed.mkdir()
-    run_bundle(reference, datalist=str(small_real_datalist(reference)), **SETTINGS, **METHODS[method])
+    run_bundle(reference, datalist=str(small_real_datalist(reference)), **CASES[case])
     expected = _final(reference)
     epoch_length = expected["trainer"]["epoch_length"]
     total = MAX_EPOCHS * epoch_length
@@ -95,18 +106,24 @@ def test_sigkill_mid_epoch_then_resume_loads_the_checkpoint_and_gives_the_uninte
     assert fresh["resumed_from"] is None and fresh["start_iteration"] == 0
     assert fresh["iterations_run"] == fresh["end_iteration"] == total and fresh["completed"]
 
-    # Killed in the middle of epoch 3, after the checkpoints of epochs 1 and 2.
+    # Killed in the middle of epoch 3: after the checkpoints of epochs 1 and 2, or (iteration checkpoints)
+    # right after one written inside epoch 3.
     datalist = str(small_real_datalist(killed))
     checkpoints = killed / "models" / "ssl" / "checkpoints"
-    _killed_at(killed, 2 * epoch_length + epoch_length // 2, datalist, method)
+    every = CASES[case].get("checkpoint_iteration_interval", 0)
+    kill = 2 * epoch_length + epoch_length // 2
+    if every:
+        kill = next(i for i in range(2 * epoch_length + 1, 3 * epoch_length) if i % every == 0)
+    _killed_at(killed, kill, datalist, case)
     assert not (checkpoints / "checkpoint_final.pt").exists(), "the run was not interrupted"
     saved = sorted(int(p.stem.rsplit("=", 1)[1]) for p in checkpoints.glob("checkpoint_iteration=*.pt"))
-    assert saved == [epoch_length, 2 * epoch_length]
+    assert saved[-1] == (kill if every else 2 * epoch_length)
+    assert every == 0 or saved[-1] % epoch_length, "the newest checkpoint must lie inside an epoch"
     assert [e["epoch"] for e in history(killed)] == [1, 2]
     [interrupted] = _runs(killed)
     assert interrupted["resumed_from"] is None and not interrupted["completed"]
 
-    run_bundle(killed, datalist=datalist, resume=True, **SETTINGS, **METHODS[method])
+    run_bundle(killed, datalist=datalist, resume=True, **CASES[case])
     # It resumed: loaded the newest checkpoint on disk, started at its iteration and ran only the rest.
     first, resumed_run = _runs(killed)
     assert first == interrupted
