@@ -42,6 +42,7 @@ from jointssl_monai.utils.arguments import check_bool, check_int
 __all__ = [
     "GuardedTransform",
     "JointViewsd",
+    "RequireFiniteViewsd",
     "SSLCacheDataset",
     "SSLDataset",
     "SSLPersistentDataset",
@@ -169,6 +170,24 @@ class GuardedRandomTransform(GuardedTransform, Randomizable):
         pass
 
 
+class RequireFiniteViewsd(Transform):
+    """Refuse an item whose views hold NaN/Inf (a :class:`BadInputError` naming its file).
+
+    The last step of the guarded random pipeline, so that ``skip_bad_inputs`` skips such an item like any
+    other bad input; the collate function's own check would stop the run.
+    """
+
+    def __init__(self, keys: Sequence[str] = ("views", "local_views")) -> None:
+        self.keys = tuple(keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Any:
+        for key in self.keys:
+            if not all(bool(torch.isfinite(view).all()) for view in data.get(key) or ()):
+                source = data.get("source", describe_path(data.get("image")))
+                raise BadInputError(source, f"the {key} hold NaN/Inf values after the transforms")
+        return data
+
+
 class VolumeOnlyd(Transform):
     """Apply a dictionary transform to volumes (``dims == 3``) only; 2D images pass through."""
 
@@ -245,6 +264,7 @@ def build_pretrain_transforms(
     random.append(
         JointViewsd(VolumeViewsd("image", transforms=view_transforms, policy=view_policy), image_views)
     )
+    random.append(RequireFiniteViewsd())
     det = Compose([GuardedTransform(Compose(deterministic), skip_bad_inputs)])
     rnd = Compose([GuardedRandomTransform(Compose(random), skip_bad_inputs)])
     rnd.set_random_state(seed=seed)

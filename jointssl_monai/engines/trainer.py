@@ -194,17 +194,23 @@ class JointSSLTrainer(Trainer):
             # optimiser already holds the learning rate of that point).
             self.lr_scheduler.last_epoch = epoch * current
 
-    def _skip_empty_batch(self, engine: JointSSLTrainer) -> list[dict]:
-        # Every item of the batch was a skipped bad input (``skip_bad_inputs``). Other processes would wait
-        # in their collectives for this one, so a distributed run stops with a clear message instead.
+    def _any_process_empty(self, engine: JointSSLTrainer, batch: dict) -> bool:
+        """Whether this process's batch, or any other process's, holds no item (every item a skipped bad
+        input). All processes then pass over the step together: one that went on alone would wait forever
+        in the collectives of DistributedDataParallel and of the clustering losses."""
+        empty = torch.tensor(
+            int(batch.get("volume_views") is None and batch.get("image_views") is None), dtype=torch.int32
+        )
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise RuntimeError(
-                f"iteration {engine.state.iteration}: every item of this process's batch was a skipped bad "
-                "input; with several processes, remove the bad files (see the skip log) or use larger batches"
-            )
+            empty = empty.to(engine.state.device)
+            dist.all_reduce(empty, op=dist.ReduceOp.MAX)
+        return bool(empty)
+
+    def _skip_empty_batch(self, engine: JointSSLTrainer) -> list[dict]:
         engine.state.skipped_steps += 1
         engine.logger.warning(
-            f"iteration {engine.state.iteration}: every item was a skipped bad input; no step"
+            f"iteration {engine.state.iteration}: every item of a batch was a skipped bad input (on this or "
+            "another process); no step on any process"
         )
         engine.state.output = [{}]
         return engine.state.output
@@ -264,7 +270,7 @@ class JointSSLTrainer(Trainer):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
-        if batch.get("volume_views") is None and batch.get("image_views") is None:
+        if self._any_process_empty(engine, batch):
             return self._skip_empty_batch(engine)
         network = unwrap(engine.network)
         engine.network.train()

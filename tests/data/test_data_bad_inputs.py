@@ -12,7 +12,15 @@ import pydicom
 import pytest
 import torch
 
-from jointssl_monai.data import BadInputError, build_datalist, build_pretrain_dataset, build_pretrain_loader
+from jointssl_monai.data import (
+    BadInputError,
+    build_datalist,
+    build_pretrain_dataset,
+    build_pretrain_loader,
+    build_pretrain_transforms,
+    collate_joint_ssl,
+)
+from jointssl_monai.data.dataset import find_bad_input
 from jointssl_monai.data.io import load_ssl_image
 
 
@@ -180,3 +188,22 @@ def test_a_batch_of_only_bad_items_is_empty_not_a_crash(tmp_path, good_volume):
         "nan.nii.gz",
         "does_not_exist.nii.gz",
     ]
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_views_that_are_not_finite_after_the_transforms_are_a_bad_input(skip):
+    _, random_part = build_pretrain_transforms(num_slices=4, spatial_size=(8, 8), skip_bad_inputs=skip)
+    slices = torch.rand(1, 4, 8, 8)
+    slices[0, 1, 2, 3] = float("inf")  # what a view transform or an overflowing scale could leave
+    item = {"image": slices, "num_slices": 4, "index": 3, "source": "inf.nii.gz", "dims": 3}
+    if not skip:
+        with pytest.raises(RuntimeError) as info:  # MONAI's Compose wraps it; the datasets unwrap it
+            random_part(item)
+        assert (
+            str(find_bad_input(info.value))
+            == "inf.nii.gz: the views hold NaN/Inf values after the transforms"
+        )
+        return
+    marker = random_part(item)  # skipped: the collate function drops it instead of stopping the run
+    assert marker["index"] == 3 and "NaN/Inf" in marker["skipped"]
+    assert all(value is None for value in collate_joint_ssl([marker]).values())
