@@ -5,16 +5,27 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from jointssl_monai.apps.sample_data import demo_datalist
+from jointssl_monai.utils.errors import BRIEF_ENV, ERROR_FILE_ENV
 
-__all__ = ["DEMO_OVERRIDES", "export_encoder", "find_bundle_dir", "pretrain_command", "run_demo"]
+__all__ = [
+    "DEMO_OVERRIDES",
+    "BundleRunError",
+    "export_encoder",
+    "find_bundle_dir",
+    "pretrain_command",
+    "run_bundle_process",
+    "run_demo",
+]
 
 #: A small configuration of the paper's model that pretrains on the demo images in a few minutes on 2 CPU
 #: cores. Everything else (objectives, masking ratio, temperatures, Sinkhorn settings, queues) keeps the
@@ -66,15 +77,44 @@ def _cli_value(value: Any) -> str:
 def pretrain_command(
     config_files: Sequence[str | os.PathLike], overrides: dict[str, Any], tracking: str | None = None
 ) -> list[str]:
-    """The ``python -m monai.bundle run training ...`` command line for these configs and overrides."""
+    """The ``python -m monai.bundle run training ...`` command line for these configs and overrides (through
+    :mod:`jointssl_monai.apps.bundle_run`, which adds the one-line error summary)."""
     files = [str(f) for f in config_files]
-    command = [sys.executable, "-m", "monai.bundle", "run", "training"]
+    command = [sys.executable, "-m", "jointssl_monai.apps.bundle_run", "run", "training"]
     command += ["--config_file", files[0] if len(files) == 1 else json.dumps(files)]
     for key, value in overrides.items():
         command += [f"--{key}", _cli_value(value)]
     if tracking:
         command += ["--tracking", tracking]
     return command
+
+
+class BundleRunError(RuntimeError):
+    """A bundle run failed; :attr:`exit_code` is 2 for a user error (its message says which and why)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_bundle_process(command: Sequence[str]) -> None:
+    """Run a bundle command line; raise :class:`BundleRunError` with the run's one-line summary if it fails.
+
+    The run prints no traceback (``JOINTSSL_BRIEF_ERRORS``) unless ``JOINTSSL_DEBUG`` is set, and leaves the
+    summary of its error in a temporary file (see :mod:`jointssl_monai.utils.errors`).
+    """
+    with tempfile.TemporaryDirectory(prefix="jointssl-run-") as folder:
+        error_file = Path(folder) / "error.json"
+        env = {**os.environ, BRIEF_ENV: "1", ERROR_FILE_ENV: str(error_file)}
+        returncode = subprocess.run(list(command), env=env, check=False).returncode
+        if returncode == 0:
+            return
+        if error_file.is_file():
+            summary = json.loads(error_file.read_text())
+            raise BundleRunError(summary["message"], int(summary["exit_code"]))
+    how = f"was killed by signal {-returncode}" if returncode < 0 else f"failed with exit status {returncode}"
+    hint = " (out of memory?)" if returncode == -signal.SIGKILL else ""
+    raise BundleRunError(f"error: the bundle run {how}{hint}; its output is above", 1)
 
 
 def run_demo(
@@ -102,7 +142,7 @@ def run_demo(
     command = pretrain_command([bundle / "configs" / "pretrain.json"], settings)
     print("running:", " ".join(command), flush=True)
     start = time.perf_counter()
-    subprocess.run(command, check=True)
+    run_bundle_process(command)
     seconds = time.perf_counter() - start
     history = json.loads((output / "runs" / "pretrain" / "history.json").read_text())["epochs"]
     # a page of figures of what the run learned: about 15 s on 2 busy cores, so the demo makes it

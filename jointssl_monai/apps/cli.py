@@ -1,16 +1,22 @@
 """The ``jointssl`` command (python-fire).
 
 Run ``jointssl --help`` for the list of sub-commands and ``jointssl COMMAND --help`` for one of them.
+
+A command that fails on the user's input (a bad image, datalist, config value, a missing or unwritable path,
+also inside the bundle run that ``pretrain`` and ``demo`` start) prints one line, ``jointssl: error: ...``,
+and exits with status 2; an unexpected error prints ``jointssl: internal error: ...`` and exits with 1.
+``--debug`` (anywhere on the line) or ``JOINTSSL_DEBUG=1`` shows the tracebacks instead.
 """
 
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 
 import fire
 
 from jointssl_monai import __version__
+from jointssl_monai.utils.errors import DEBUG_ENV, error_summary
 
 
 class JointSSLCommands:
@@ -67,11 +73,13 @@ class JointSSLCommands:
         The configs are ``bundle/configs/pretrain.json`` followed by any extra config files (for example
         ``stage_a_2d.json``); keyword options override config ids. ``--tracking mlflow`` records to MLflow.
         """
-        from jointssl_monai.apps.bundle_commands import find_bundle_dir, pretrain_command
+        from jointssl_monai.apps.bundle_commands import find_bundle_dir, pretrain_command, run_bundle_process
 
         base = find_bundle_dir(bundle_dir) / "configs" / "pretrain.json"
-        command = pretrain_command([base, *config_files], overrides, tracking=tracking)
-        subprocess.run(command, check=True)
+        for extra in config_files:
+            if not os.path.isfile(extra):
+                raise FileNotFoundError(f"config file {extra} does not exist")
+        run_bundle_process(pretrain_command([base, *config_files], overrides, tracking=tracking))
 
     def export(
         self, checkpoint: str, output: str = "encoder_flexibleunet.pt", spatial_dims: int = 2,
@@ -124,28 +132,13 @@ class JointSSLCommands:
         ``RUN_DIR/bench_results/ssl_value.json`` when present) as a figure and a table of paired gains. Needs
         matplotlib: ``pip install "jointssl-monai[report]"``.
         """
-        from jointssl_monai.apps.report import MissingPlottingError, make_report, require_matplotlib
+        from jointssl_monai.apps.report import make_report, require_matplotlib
 
-        try:
-            require_matplotlib()
-        except MissingPlottingError as err:
-            print(err, file=sys.stderr)
-            sys.exit(2)
-        try:
-            page = make_report(
-                run_dir,
-                output,
-                datalist,
-                checkpoint,
-                max_items,
-                network,
-                device,
-                slice_policy=slice_policy,
-                value_json=value_json,
-            )
-        except (FileNotFoundError, ValueError) as err:  # not a run folder, a bad value file: one line, exit 2
-            print(f"jointssl report: {err}", file=sys.stderr)
-            sys.exit(2)
+        require_matplotlib()  # the install line, as a user error, before any work
+        page = make_report(
+            run_dir, output, datalist, checkpoint, max_items, network, device,
+            slice_policy=slice_policy, value_json=value_json,
+        )  # fmt: skip
         return str(page)
 
     def fetch_bundle(self, url: str, bundle_dir: str, name: str, hash_val: str | None = None) -> str:
@@ -155,9 +148,27 @@ class JointSSLCommands:
         return str(fetch_bundle(url, bundle_dir, name, hash_val=hash_val))
 
 
-def main() -> None:
-    """Entry point of the ``jointssl`` console script."""
-    fire.Fire(JointSSLCommands, name="jointssl")
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``jointssl`` console script (``argv``: the arguments, default ``sys.argv[1:]``)."""
+    from jointssl_monai.apps.bundle_commands import BundleRunError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    argv = [arg for arg in argv if arg != "--debug"]
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # bundle runs started by this command show their tracebacks too
+    try:
+        fire.Fire(JointSSLCommands, command=argv, name="jointssl")
+    except BundleRunError as err:  # the run's own summary: already printed in full with --debug
+        if not debug:
+            print(f"jointssl: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except Exception as err:
+        if debug:
+            raise
+        code, message = error_summary(err)
+        print(f"jointssl: {message}", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

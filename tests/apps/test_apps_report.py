@@ -191,11 +191,11 @@ def test_report_figures_load_in_headless_chromium(pretrained_run, tmp_path, itk_
 
 
 def test_report_without_matplotlib_names_the_extra(monkeypatch, capsys, tmp_path):
-    from jointssl_monai.apps.cli import JointSSLCommands
+    from jointssl_monai.apps.cli import main
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     with pytest.raises(SystemExit) as exit_info:
-        JointSSLCommands().report(str(tmp_path), output=str(tmp_path / "report"))
+        main(["report", str(tmp_path), "--output", str(tmp_path / "report")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'pip install "jointssl-monai[report]"' in err
@@ -203,7 +203,7 @@ def test_report_without_matplotlib_names_the_extra(monkeypatch, capsys, tmp_path
 
 
 def test_report_of_a_folder_that_is_no_run_is_one_line_and_exit_2(capsys, tmp_path):
-    from jointssl_monai.apps.cli import JointSSLCommands
+    from jointssl_monai.apps.cli import main
     from jointssl_monai.apps.report import require_matplotlib
 
     try:
@@ -211,7 +211,7 @@ def test_report_of_a_folder_that_is_no_run_is_one_line_and_exit_2(capsys, tmp_pa
     except ImportError:
         _missing("matplotlib is not installed")
     with pytest.raises(SystemExit) as exit_info:
-        JointSSLCommands().report(str(tmp_path / "nothing"), output=str(tmp_path / "report"))
+        main(["report", str(tmp_path / "nothing"), "--output", str(tmp_path / "report")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nothing" in err and "Traceback" not in err

@@ -1,5 +1,6 @@
 """Every bad pretraining hyper-parameter is refused by the component that uses it, naming the key and the
-rule, before any training: the bundle's own config is parsed with one bad value at a time."""
+rule, before any training: the bundle's own config is parsed with one bad value at a time. The line a
+``jointssl`` command prints for it (``error_summary``, exit status 2, no traceback) is that rule."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from monai.bundle import ConfigParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engines"))
 from pretrain_bundle_runs import CONFIGS, TINY, small_real_datalist
+
+from jointssl_monai.utils.errors import error_summary
 
 #: What a run instantiates before its first step, in the order the bundle needs them.
 COMPONENTS = (
@@ -97,14 +100,16 @@ def test_each_bad_value_is_refused_naming_key_and_rule(key, value, rule, datalis
             parser.get_parsed_content(component)
     messages = _messages(err.value)
     assert any(rule in message for message in messages), messages[-1]
+    code, line = error_summary(err.value)  # what `jointssl pretrain` prints, and its exit status
+    assert code == 2 and rule in line and "\n" not in line, line
 
 
 def test_rules_between_keys(datalist, tmp_path):
     nothing = _parser(datalist, tmp_path, w_intra=0, w_inter=0.0, w_mask=0)
     with pytest.raises(RuntimeError) as err:
         nothing.get_parsed_content("network_def")
-    assert any("at least one of use_intra, use_inter, use_mask" in m for m in _messages(err.value))
+    assert "at least one of use_intra, use_inter, use_mask" in error_summary(err.value)[1]
     no_data = _parser(datalist, tmp_path, datalist=None, dataset_dir=3)
     with pytest.raises(RuntimeError) as err:
         no_data.get_parsed_content("loss")
-    assert any("dataset_dir must be a path string or null, got 3" in m for m in _messages(err.value))
+    assert error_summary(err.value) == (2, "error: dataset_dir must be a path string or null, got 3")
