@@ -39,19 +39,34 @@ class JointSSLCommands:
         output: str = "datalist.json",
         modality_map: dict | None = None,
         default_modality: str = "OT",
-        skip_bad_inputs: bool = False,
+        strict: bool = False,
+        verify: bool = False,
+        workers: int = 2,
         absolute_paths: bool = False,
         skip_label_maps: bool = False,
     ) -> None:
         """Scan folders (NIfTI, DICOM series, MHA/NRRD, PNG) and write a MONAI datalist; print a summary.
 
+        Lists what it can read; what it skips is named with the reason in the summary and in
+        ``<datalist>.report.json``. ``--strict True`` stops at the first bad file. ``--verify True`` also
+        decodes every voxel (``--workers`` processes) and leaves out what does not decode.
         ``--skip_label_maps True`` decodes every image and leaves out label maps, atlases and masks."""
         from jointssl_monai.apps.datalist_command import build_datalist_command
 
         build_datalist_command(
-            *dirs, output=output, modality_map=modality_map, default_modality=default_modality,
-            skip_bad_inputs=skip_bad_inputs, absolute_paths=absolute_paths, skip_label_maps=skip_label_maps,
+            *dirs, output=output, modality_map=modality_map, default_modality=default_modality, strict=strict,
+            verify=verify, workers=workers, absolute_paths=absolute_paths, skip_label_maps=skip_label_maps,
         )  # fmt: skip
+
+    def verify(
+        self, datalist: str, workers: int = 2, memory_limit_gb: float = 8.0, output: str | None = None
+    ) -> None:
+        """Decode every voxel of every entry of a datalist before any training (``workers`` processes, each
+        capped at ``memory_limit_gb`` beyond its start-up size); report the entries that do not decode in
+        ``<datalist>.report.json`` (or ``--output``) and exit with status 2 if there are any."""
+        from jointssl_monai.apps.datalist_command import verify_command
+
+        verify_command(datalist, workers=workers, memory_limit_gb=memory_limit_gb, output=output)
 
     def demo(
         self, output_dir: str = "runs/demo", max_epochs: int | None = None, bundle_dir: str | None = None

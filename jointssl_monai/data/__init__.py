@@ -32,6 +32,7 @@ from jointssl_monai.data.transforms import (
     ScaleIntensityByModalityd,
     SliceSequenced,
 )
+from jointssl_monai.data.verify import VerifyReport, verify_entries
 from jointssl_monai.data.views import VOLUME_VIEW_TRANSFORMS, ImageViewsd, VolumeViewsd
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "ScaleIntensityByModalityd",
     "SkipLog",
     "SliceSequenced",
+    "VerifyReport",
     "VolumeOnlyd",
     "VolumeViewsd",
     "build_datalist",
@@ -64,5 +66,6 @@ __all__ = [
     "pretrain_datalist",
     "split_batch",
     "validate_item",
+    "verify_entries",
     "write_datalist",
 ]

@@ -62,8 +62,8 @@ def test_bad_input_stops_without_skip(mixed_folder):
 
 def test_written_datalist_is_deterministic_relative_and_loads(mixed_folder, tmp_path, capsys):
     out1, out2 = tmp_path / "a" / "datalist.json", tmp_path / "b" / "datalist.json"
-    text = build_datalist_command(str(mixed_folder), output=str(out1), skip_bad_inputs=True)
-    build_datalist_command(str(mixed_folder), output=str(out2), skip_bad_inputs=True)
+    text = build_datalist_command(str(mixed_folder), output=str(out1))
+    build_datalist_command(str(mixed_folder), output=str(out2))
     assert "example4d.nii.gz" in text and "skipped" in capsys.readouterr().out
     first, second = json.loads(out1.read_text()), json.loads(out2.read_text())
     assert first == second  # same folder, same datalist, byte for byte
