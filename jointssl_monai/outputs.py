@@ -33,6 +33,7 @@ BATCH_KEYS = (
     "image_views",  # list of 2 tensors (B2, C, H, W)
     "image_index",  # (B2,) long: dataset index of each 2D image
     "image_local_views",  # optional list of tensors (B2, C, h, w): extra small crops (multi-crop), or None
+    "skipped_inputs",  # list of (file, reason) of the items left out as bad inputs (skip_bad_inputs)
 )
 
 

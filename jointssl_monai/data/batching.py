@@ -210,20 +210,20 @@ def collate_joint_ssl(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Collate transformed items into the :data:`~jointssl_monai.outputs.BATCH_KEYS` dict.
 
     Volumes (views ``(C, S, H, W)``) and 2D images (views ``(C, H, W)``) are split by their view rank; absent
-    parts are ``None``. Items carrying :data:`SKIPPED_KEY` are dropped; when none is left, every value is
-    ``None`` (an empty batch the trainer should pass over).
+    parts are ``None``. Items carrying :data:`SKIPPED_KEY` are dropped and listed as ``(file, reason)`` in
+    ``skipped_inputs``; when none is left, every other value is ``None`` (an empty batch the trainer passes
+    over).
 
     Raises:
         BadInputError: an item is malformed (the message names its file).
     """
     kept = [it for it in items if SKIPPED_KEY not in it]
-    if (
-        not kept
-    ):  # every item was a skipped bad input: an empty batch (all None), for the trainer to pass over
+    skipped = [(str(it.get("source")), str(it[SKIPPED_KEY])) for it in items if SKIPPED_KEY in it]
+    if not kept:  # every item was a skipped bad input: an empty batch, for the trainer to pass over
         logger.warning(
-            "every item of a batch was skipped as bad input: %s", [it.get("source") for it in items]
+            "every item of a batch was skipped as bad input: %s", [source for source, _ in skipped]
         )
-        return dict.fromkeys(BATCH_KEYS)
+        return {**dict.fromkeys(BATCH_KEYS), "skipped_inputs": skipped}
     expected: dict[str, tuple[int, ...]] = {}
     volumes, images = [], []
     for it in kept:
@@ -252,6 +252,7 @@ def collate_joint_ssl(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "image_views": views(images),
         "image_index": index(images),
         "image_local_views": local,
+        "skipped_inputs": skipped,
     }
     assert tuple(batch) == BATCH_KEYS  # the contract with the networks and the trainer
     return batch

@@ -82,6 +82,9 @@ class JointSSLTrainer(Trainer):
         nonfinite_policy: ``"stop"`` raises :class:`NonFiniteLossError` (naming iteration and component)
             before the step, so the last checkpoint stays good; ``"skip"`` drops the step and counts it in
             ``engine.state.skipped_steps``.
+
+    ``engine.state.skipped_inputs`` maps every bad input this process passed over (``skip_bad_inputs``) to
+    the reason, once per file; :class:`~jointssl_monai.handlers.RunProvenanceHandler` records them.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class JointSSLTrainer(Trainer):
         # unless fp16, so that checkpoints can hold ``trainer.scaler`` whatever ``amp`` is.
         self.scaler = _GradScaler(self.state.device.type, enabled=self.amp_dtype is torch.float16)
         self.state.skipped_steps = 0
+        self.state.skipped_inputs = {}  # file -> reason of every bad input this process passed over
         self.loader_epoch_length = self.state.epoch_length
         self._register_sampler_epoch()
         if train_handlers is not None:
@@ -270,6 +274,8 @@ class JointSSLTrainer(Trainer):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        for source, reason in batch.get("skipped_inputs") or ():
+            engine.state.skipped_inputs.setdefault(source, reason)  # once per file, however often it is met
         if self._any_process_empty(engine, batch):
             return self._skip_empty_batch(engine)
         network = unwrap(engine.network)

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch.distributed as dist
 from ignite.engine import Events
 
 from jointssl_monai.utils.checkpoints import atomic_write_json
@@ -24,7 +25,7 @@ class RunProvenanceHandler:
         {"runs": [{"resumed_from": null, "start_iteration": 0, "start_epoch": 0, ..., "completed": false},
                   {"resumed_from": ".../checkpoint_iteration=6.pt", "start_iteration": 6, "start_epoch": 2,
                    "epoch_length": 3, "max_epochs": 4, "end_iteration": 12, "end_epoch": 4,
-                   "iterations_run": 6, "completed": true}]}
+                   "iterations_run": 6, "completed": true, "skipped_inputs": [], "skipped_steps": 0}]}
 
     ``resumed_from`` is the ``load_path`` of ``checkpoint_loader`` (MONAI's ``CheckpointLoader`` that ran on
     ``STARTED``; ``None`` when it is disabled, i.e. a fresh run). ``start_iteration``/``start_epoch`` are the
@@ -32,7 +33,9 @@ class RunProvenanceHandler:
     converted by :class:`~jointssl_monai.engines.JointSSLTrainer` when the epoch length changed);
     ``iterations_run`` counts the iterations this process completed. The record is written at ``STARTED``
     (``completed: false``, so an interrupted run leaves its start) and rewritten at ``COMPLETED``. Rank 0
-    only writes; the file is replaced atomically. One log line per event says the same.
+    only writes; the file is replaced atomically. One log line per event says the same. At every epoch end
+    the record also lists the bad inputs the run passed over (``skip_bad_inputs``; each file once, gathered
+    from every process) and the steps it skipped.
 
     Attach it after the ``CheckpointLoader``, so that its ``STARTED`` step sees the loaded state.
 
@@ -62,6 +65,7 @@ class RunProvenanceHandler:
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.EPOCH_STARTED, self.first_epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.count)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def _position(self, engine: Engine) -> None:
@@ -99,7 +103,29 @@ class RunProvenanceHandler:
     def count(self, engine: Engine) -> None:
         self.record["iterations_run"] += 1
 
+    def _skips(self, engine: Engine) -> None:
+        # Every process's bad inputs, each file once (a collective: attached on every process, as in
+        # pretrain.json's train#handlers).
+        skipped = dict(getattr(engine.state, "skipped_inputs", {}) or {})
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, skipped)
+            skipped = {k: v for part in gathered for k, v in part.items()}
+        before = len(self.record.get("skipped_inputs", []))
+        self.record["skipped_inputs"] = [{"image": k, "reason": v} for k, v in sorted(skipped.items())]
+        self.record["skipped_steps"] = int(getattr(engine.state, "skipped_steps", 0))
+        if len(skipped) > before:
+            self.logger.warning(
+                f"{len(skipped)} bad input(s) skipped so far in this run (each counted once): "
+                + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+            )
+
+    def epoch_completed(self, engine: Engine) -> None:
+        self._skips(engine)
+        self._write(new=False)
+
     def completed(self, engine: Engine) -> None:
+        self._skips(engine)
         self.record.update(end_iteration=engine.state.iteration, end_epoch=engine.state.epoch, completed=True)
         self.logger.info(
             f"run completed at iteration {engine.state.iteration} (epoch {engine.state.epoch}) after "

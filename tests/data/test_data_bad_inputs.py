@@ -182,7 +182,8 @@ def test_a_batch_of_only_bad_items_is_empty_not_a_crash(tmp_path, good_volume):
     datalist = [{"image": str(p), "dims": 3, "modality": "MR"} for p in bad]
     dataset = build_pretrain_dataset(datalist, num_slices=4, spatial_size=(8, 8), skip_bad_inputs=True)
     (batch,) = list(build_pretrain_loader(dataset, volumes_per_batch=2, shuffle=False))
-    assert all(value is None for value in batch.values())
+    assert all(value is None for key, value in batch.items() if key != "skipped_inputs")
+    assert [Path(name).name for name, _ in batch["skipped_inputs"]] == ["nan.nii.gz", "does_not_exist.nii.gz"]
     guard = dataset.transform.transforms[0]
     assert [name.rsplit("/", 1)[1] for name, _ in guard.skipped.skipped] == [
         "nan.nii.gz",
@@ -206,4 +207,6 @@ def test_views_that_are_not_finite_after_the_transforms_are_a_bad_input(skip):
         return
     marker = random_part(item)  # skipped: the collate function drops it instead of stopping the run
     assert marker["index"] == 3 and "NaN/Inf" in marker["skipped"]
-    assert all(value is None for value in collate_joint_ssl([marker]).values())
+    batch = collate_joint_ssl([marker])
+    assert batch["skipped_inputs"] == [("inf.nii.gz", marker["skipped"])]
+    assert all(value is None for key, value in batch.items() if key != "skipped_inputs")

@@ -34,10 +34,11 @@ def test_a_fresh_run_then_a_resumed_one_from_its_checkpoint(tmp_path):
     fresh, second = _runs(out)
     assert fresh == {"resumed_from": None, "start_iteration": 0, "start_epoch": 0, "epoch_length": 3,
                      "max_epochs": 2, "end_iteration": 6, "end_epoch": 2, "iterations_run": 6,
-                     "completed": True}  # fmt: skip
+                     "completed": True, "skipped_inputs": [], "skipped_steps": 0}  # fmt: skip
     assert second == {"resumed_from": str(checkpoint), "start_iteration": 6, "start_epoch": 2,
                       "epoch_length": 3, "max_epochs": 5, "end_iteration": 15, "end_epoch": 5,
-                      "iterations_run": 9, "completed": True}  # fmt: skip
+                      "iterations_run": 9, "completed": True, "skipped_inputs": [],
+                      "skipped_steps": 0}  # fmt: skip
 
 
 def test_an_interrupted_run_leaves_its_start_and_the_position_after_every_started_handler(tmp_path):
@@ -63,3 +64,28 @@ def test_an_interrupted_run_leaves_its_start_and_the_position_after_every_starte
 def test_checkpoint_loader_must_be_a_loader(tmp_path):
     with pytest.raises(TypeError, match="CheckpointLoader"):
         RunProvenanceHandler(tmp_path / "p.json", checkpoint_loader=object())
+
+
+def test_bad_inputs_met_again_and_again_are_recorded_once(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "engines"))
+    from test_engines_trainer import SLICES, batch, tiny_net
+
+    from jointssl_monai.engines import JointSSLTrainer, build_optimizer
+    from jointssl_monai.losses import JointSSLLoss
+
+    bad = [("a.nii.gz", "a.nii.gz: unreadable image"), ("b.png", "b.png: truncated")]
+    empty = {**dict.fromkeys(batch(0)), "skipped_inputs": bad}  # both items of a batch were bad
+    batches = [{**batch(0), "skipped_inputs": bad[:1]}, empty, {**batch(1), "skipped_inputs": []}]
+    net, out = tiny_net(), tmp_path / "provenance.json"
+    trainer = JointSSLTrainer(
+        device="cpu", max_epochs=2, train_data_loader=batches, network=net,
+        optimizer=build_optimizer(net, "sgd", lr=0.1), loss_function=JointSSLLoss(), slices_per_sample=SLICES,
+    )  # fmt: skip
+    RunProvenanceHandler(out).attach(trainer)
+    trainer.run()
+    [record] = _runs(out)
+    assert record["skipped_inputs"] == [{"image": name, "reason": why} for name, why in bad]
+    assert record["skipped_steps"] == 2  # the empty batch, in each of the 2 epochs
