@@ -20,6 +20,7 @@ from jointssl_monai.data.checks import DEFAULT_MAX_VOXELS, BadInputError, check_
 __all__ = [
     "DICOM_SUFFIXES",
     "check_dicom_dataset",
+    "check_slice_spacing",
     "invert_monochrome1",
     "load_dicom_series",
     "order_dicom_series",
@@ -70,6 +71,34 @@ def slice_normal(ds) -> np.ndarray | None:
     return normal / norm if norm > 0 else None
 
 
+def check_slice_spacing(
+    series: Sequence[Path | str], paths: Sequence[Path | str], keys: Sequence[float]
+) -> None:
+    """Refuse slices, in the order given, whose positions along the normal (``keys``) repeat or are not
+    evenly spaced: a missing slice, a repeated one, or files out of slice order.
+
+    Raises:
+        BadInputError: naming the ``series`` (all its files) and the first irregular step.
+    """
+    names = [Path(p).name for p in paths]
+    gaps = np.diff(np.asarray(keys, dtype=float))
+    if np.any(np.abs(gaps) < 1e-4):
+        i = int(np.argmin(np.abs(gaps)))
+        raise BadInputError(
+            series, f"mixed series: {names[i]} and {names[i + 1]} share slice position {keys[i]:.3f}"
+        )
+    if len(gaps) > 1:
+        step = float(np.median(gaps))
+        irregular = np.abs(gaps - step) > SPACING_TOLERANCE * abs(step)
+        if irregular.any():
+            i = int(np.argmax(irregular))
+            raise BadInputError(
+                series,
+                f"incomplete series: step of {gaps[i]:.3f} mm after {names[i]} where slices are "
+                f"{step:.3f} mm apart (a slice is missing, or the files are not in slice order)",
+            )
+
+
 def order_dicom_series(datasets: Sequence[tuple[Path, Any]]) -> list[Path]:
     """Order the single-frame files of one series along the slice normal and check that the series is whole.
 
@@ -91,25 +120,7 @@ def order_dicom_series(datasets: Sequence[tuple[Path, Any]]) -> list[Path]:
             raise BadInputError(paths, "mixed series: slices have different ImageOrientationPatient")
         keys = [float(np.dot(np.asarray(p, dtype=float), normals[0])) for p in positions]
         order = sorted(range(len(paths)), key=lambda i: (keys[i], str(paths[i])))
-        sorted_keys = np.asarray([keys[i] for i in order])
-        gaps = np.diff(sorted_keys)
-        if np.any(np.abs(gaps) < 1e-4):
-            i = int(np.argmin(np.abs(gaps)))
-            raise BadInputError(
-                paths,
-                f"mixed series: {paths[order[i]].name} and {paths[order[i + 1]].name} share slice position "
-                f"{sorted_keys[i]:.3f}",
-            )
-        if len(gaps) > 1:
-            step = float(np.median(gaps))
-            irregular = np.abs(gaps - step) > SPACING_TOLERANCE * step
-            if irregular.any():
-                i = int(np.argmax(irregular))
-                raise BadInputError(
-                    paths,
-                    f"incomplete series: gap of {gaps[i]:.3f} mm after {paths[order[i]].name} where "
-                    f"slices are {step:.3f} mm apart (a slice is missing)",
-                )
+        check_slice_spacing(paths, [paths[i] for i in order], [keys[i] for i in order])
     else:
         numbers = [ds.get("InstanceNumber") for _, ds in datasets]
         if any(n is None for n in numbers):
@@ -146,8 +157,12 @@ def invert_monochrome1(array: np.ndarray, ds) -> np.ndarray:
 def load_dicom_series(
     files: Sequence[str], max_voxels: int = DEFAULT_MAX_VOXELS
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stack single-frame DICOM files in the given (datalist) order; affine from the slice positions."""
-    slices, origins, affine = [], [], None
+    """Stack single-frame DICOM files in the given (datalist) order; affine from the slice positions.
+
+    A series whose files are not evenly spaced along the slice normal in that order (a missing slice, files
+    out of order) is refused, as the datalist scan refuses it (:func:`check_slice_spacing`).
+    """
+    slices, origins, keys, affine = [], [], [], None
     shape = None
     for path in files:
         ds = read_dicom_header(path, max_voxels)
@@ -161,9 +176,14 @@ def load_dicom_series(
             )
         shape = array.shape
         slices.append(array)
+        position, normal = ds.get("ImagePositionPatient"), slice_normal(ds)
+        if position is not None and len(position) == 3 and normal is not None:
+            keys.append(float(np.dot(np.asarray(position, dtype=float), normal)))
         slice_affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
         affine = slice_affine if affine is None else affine
         origins.append(slice_affine[:3, 3])
+    if len(keys) == len(files) > 1:
+        check_slice_spacing(files, files, keys)
     volume = np.stack(slices, axis=-1)
     affine = affine.copy()
     if len(files) > 1:  # third column: step between consecutive slice origins (in the datalist order)

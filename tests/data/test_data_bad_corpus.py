@@ -278,7 +278,7 @@ def _series_two_sizes_scanned(d: Path) -> None:
 
 
 SERIES = {
-    "missing_slice": (_series_missing_slice, r"incomplete series: gap of 2\.000 mm after slice2\.dcm"),
+    "missing_slice": (_series_missing_slice, r"incomplete series: step of 2\.000 mm after slice2\.dcm"),
     "repeated_slice": (_series_repeated_slice, r"mixed series: .*again\.dcm.* share slice position"),
     "two_sizes": (_series_two_sizes_scanned, r"mixed series: slices have different Rows x Columns"),
 }

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from jointssl_monai.apps.datalist_command import build_datalist_command
-from jointssl_monai.data import BadInputError, build_datalist, load_datalist
+from jointssl_monai.data import BadInputError, build_datalist, load_datalist, load_ssl_image
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +81,21 @@ def _copy_series(src, dst):
 def test_missing_slice_is_an_incomplete_series(pydicom_ct_series, tmp_path):
     files = _copy_series(pydicom_ct_series, tmp_path / "s")
     files[2].unlink()
-    with pytest.raises(BadInputError, match=r"incomplete series: gap of 5\.000 mm"):
+    with pytest.raises(BadInputError, match=r"incomplete series: step of 5\.000 mm"):
         build_datalist([tmp_path / "s"])
     entries, summary = build_datalist([tmp_path / "s"], skip_bad_inputs=True)
     assert entries == [] and len(summary.skipped) == 4  # every file of the series listed with the reason
+
+
+def test_a_series_given_by_hand_must_be_whole_and_in_slice_order(pydicom_ct_series, tmp_path):
+    files = [str(f) for f in _copy_series(pydicom_ct_series, tmp_path / "s")]
+    assert load_ssl_image(files, dims=3).shape[-1] == len(files)
+    with pytest.raises(
+        BadInputError, match=r"incomplete series: step of 5\.000 mm after .* slice is missing"
+    ):
+        load_ssl_image(files[:2] + files[3:], dims=3)  # a datalist entry that lost a file
+    with pytest.raises(BadInputError, match=r"not in slice order"):
+        load_ssl_image([files[1], files[0], *files[2:]], dims=3)
 
 
 def test_different_rows_is_a_mixed_series(pydicom_ct_series, tmp_path):
