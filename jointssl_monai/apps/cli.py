@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     argv = [arg for arg in argv if arg != "--debug"]
+    outer = os.environ.get(DEBUG_ENV)
     if debug:
         os.environ[DEBUG_ENV] = "1"  # bundle runs started by this command show their tracebacks too
     try:
@@ -184,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
         code, message = error_summary(err)
         print(f"jointssl: {message}", file=sys.stderr)
         sys.exit(code)
+    finally:
+        if outer is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = outer
 
 
 if __name__ == "__main__":

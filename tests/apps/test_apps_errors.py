@@ -78,6 +78,7 @@ def test_every_command_turns_a_user_error_into_one_line_and_status_2(tmp_path, c
         assert err.startswith("jointssl: error: ") and expected in err and err.count("\n") == 1, (argv, err)
     with pytest.raises(FileNotFoundError):  # --debug: the error itself, with its traceback
         main(["export", str(tmp_path / "none.pt"), "--debug"])
+    assert "JOINTSSL_DEBUG" not in os.environ  # for this command only
 
 
 def _run(command: list[str], **env: str) -> subprocess.CompletedProcess:
