@@ -16,9 +16,7 @@ turns into a marker that the collate function drops (and logs once).
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -37,7 +35,7 @@ from jointssl_monai.data.datalist import load_datalist
 from jointssl_monai.data.io import LoadSSLImaged
 from jointssl_monai.data.transforms import ResizeInPlaned, ScaleIntensityByModalityd, SliceSequenced
 from jointssl_monai.data.views import VOLUME_VIEW_TRANSFORMS, ImageViewsd, VolumeViewsd
-from jointssl_monai.utils.arguments import check_bool, check_int
+from jointssl_monai.utils.arguments import check_bool, check_choice, check_int
 
 __all__ = [
     "GuardedTransform",
@@ -51,22 +49,18 @@ __all__ = [
     "build_pretrain_loader",
     "build_pretrain_transforms",
     "find_bad_input",
+    "guard_pipeline",
+    "pretrain_dataset",
+    "pretrain_transform_lists",
+    "transforms_digest",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Version of what the deterministic part outputs for given settings; part of the disk-cache names, so that a
-#: cache written by an older layout is never read back (2: MONAI's in-plane axis order, volumes in RAS).
-CACHE_LAYOUT_VERSION = 2
-#: Settings of :func:`build_pretrain_transforms` that only the random part (never cached) uses.
-_RANDOM_ONLY_SETTINGS = (
-    "view_transforms",
-    "view_policy",
-    "image_scale",
-    "num_local_crops",
-    "local_size",
-    "seed",
-)
+#: cache written by an older layout is never read back (2: MONAI's in-plane axis order, volumes in RAS; 3: the
+#: digest describes the listed transforms themselves).
+CACHE_LAYOUT_VERSION = 3
 
 
 def find_bad_input(err: BaseException | None) -> BadInputError | None:
@@ -219,7 +213,7 @@ class JointViewsd(Randomizable, Transform):
         return (self.volume_views if data[self.key].ndim == 4 else self.image_views)(data)
 
 
-def build_pretrain_transforms(
+def pretrain_transform_lists(
     num_slices: int = 64,
     spatial_size: Sequence[int] = (128, 128),
     slice_policy: str = "center",
@@ -236,10 +230,11 @@ def build_pretrain_transforms(
     local_size: Sequence[int] = (48, 48),
     reader: str | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
-    skip_bad_inputs: bool = False,
-    seed: int = 0,
-) -> tuple[Compose, Compose]:
-    """Build the ``(deterministic, random)`` pipelines (arguments: see :func:`build_pretrain_dataset`)."""
+) -> tuple[list[Transform], list[Transform]]:
+    """The ``(deterministic, random)`` transform lists, from settings, that ``pretrain.json`` writes out as
+    ``train#deterministic_transforms`` and ``train#random_transforms`` (arguments: see
+    :func:`build_pretrain_dataset`). The slicing is deterministic, hence cached, unless ``slice_policy`` is
+    ``"random"``."""
     deterministic: list[Transform] = [LoadSSLImaged("image", reader=reader, max_voxels=max_voxels)]
     if axcodes:
         deterministic.append(
@@ -264,11 +259,83 @@ def build_pretrain_transforms(
     random.append(
         JointViewsd(VolumeViewsd("image", transforms=view_transforms, policy=view_policy), image_views)
     )
-    random.append(RequireFiniteViewsd())
-    det = Compose([GuardedTransform(Compose(deterministic), skip_bad_inputs)])
-    rnd = Compose([GuardedRandomTransform(Compose(random), skip_bad_inputs)])
+    return deterministic, random
+
+
+def guard_pipeline(
+    deterministic: Sequence[Transform],
+    random: Sequence[Transform],
+    skip_bad_inputs: bool = False,
+    seed: int = 0,
+) -> tuple[Compose, Compose]:
+    """Wrap the two parts in guards (:class:`GuardedTransform`): a failure becomes a :class:`BadInputError`
+    naming the file, or with ``skip_bad_inputs`` a marker the collate function drops. The random part ends
+    with :class:`RequireFiniteViewsd`, so that non-finite views are a bad input like any other."""
+    det = Compose([GuardedTransform(Compose(list(deterministic)), skip_bad_inputs)])
+    rnd = Compose([GuardedRandomTransform(Compose([*random, RequireFiniteViewsd()]), skip_bad_inputs)])
     rnd.set_random_state(seed=seed)
     return det, rnd
+
+
+def build_pretrain_transforms(
+    skip_bad_inputs: bool = False, seed: int = 0, **settings: Any
+) -> tuple[Compose, Compose]:
+    """The guarded ``(deterministic, random)`` pipelines: :func:`pretrain_transform_lists` of ``settings``
+    through :func:`guard_pipeline`."""
+    return guard_pipeline(*pretrain_transform_lists(**settings), skip_bad_inputs=skip_bad_inputs, seed=seed)
+
+
+def pretrain_dataset(
+    datalist: str | os.PathLike | Sequence[Mapping[str, Any]],
+    deterministic_transforms: Sequence[Transform],
+    random_transforms: Sequence[Transform],
+    cache: str = "none",
+    cache_dir: str | os.PathLike | None = None,
+    cache_num_workers: int = 0,
+    skip_bad_inputs: bool = False,
+    seed: int = 0,
+) -> Dataset:
+    """The pretraining dataset from listed transforms (what ``pretrain.json`` builds): every datalist item
+    becomes ``{"views": [s, t], "num_slices", "index", ...}``.
+
+    Args:
+        datalist: a datalist JSON file (see :mod:`jointssl_monai.data.datalist`) or its list of entries.
+        deterministic_transforms: the cacheable part (load, orient, scale and, unless the slice policy is
+            random, slice and resize in-plane), giving ``(C, S, H, W)`` slice sequences and ``(C, H, W)``
+            images.
+        random_transforms: the part run at every draw (random slicing, the two views).
+        cache: ``"none"``, ``"memory"`` (``CacheDataset``) or ``"disk"`` (``PersistentDataset`` in
+            ``cache_dir``); only the deterministic part is cached, views stay random every epoch.
+        cache_dir: folder of the disk cache. Its file names carry :func:`transforms_digest` of the
+            deterministic part: entries written under other settings or an older layout are never read back.
+        cache_num_workers: workers that fill the memory cache.
+        skip_bad_inputs: skip (log, and drop in collate) bad inputs instead of raising.
+        seed: seed of the random transforms (the loader's keys reseed them for every item).
+
+    Returns:
+        A MONAI ``Dataset``, ``CacheDataset`` or ``PersistentDataset``; ``dataset.data[i]["dims"]`` tells
+        volumes from images (the batch sampler uses it) and ``"index"`` is the position in the datalist.
+    """
+    check_bool("skip_bad_inputs", skip_bad_inputs)
+    check_int("seed", seed, 0)
+    check_choice("cache", cache, ("none", "memory", "disk"))
+    entries = load_datalist(datalist) if isinstance(datalist, (str, os.PathLike)) else list(datalist)
+    data = []
+    for i, entry in enumerate(entries):
+        if "image" not in entry or "dims" not in entry:
+            raise BadInputError(f"datalist entry {i}", "needs 'image' and 'dims' fields")
+        data.append({**entry, "index": i, "modality": entry.get("modality", "OT")})
+    det, rnd = guard_pipeline(deterministic_transforms, random_transforms, skip_bad_inputs, seed)
+    transform = Compose([*det.transforms, *rnd.transforms])
+    transform.set_random_state(seed=seed)  # Compose() reseeds its children from MONAI's global seed
+    if cache == "none":
+        return SSLDataset(data, transform)
+    if cache == "memory":
+        return SSLCacheDataset(data, transform, num_workers=cache_num_workers, progress=False)
+    if cache_dir is None:
+        raise ValueError("cache='disk' needs a cache_dir")
+    digest = transforms_digest(deterministic_transforms, skip_bad_inputs=skip_bad_inputs).encode("utf-8")
+    return SSLPersistentDataset(data, transform, cache_dir=str(cache_dir), hash_transform=lambda _: digest)
 
 
 def build_pretrain_dataset(
@@ -282,81 +349,68 @@ def build_pretrain_dataset(
     seed: int = 0,
     **transform_kwargs: Any,
 ) -> Dataset:
-    """The pretraining dataset: every datalist item becomes ``{"views": [s, t], "num_slices", "index", ...}``.
+    """The pretraining dataset from settings: :func:`pretrain_dataset` of :func:`pretrain_transform_lists`.
 
     Args:
-        datalist: a datalist JSON file (see :mod:`jointssl_monai.data.datalist`) or its list of entries.
+        datalist: a datalist JSON file or its list of entries.
         num_slices: slices per volume, ``S`` (authors: 64).
         spatial_size: in-plane size ``(H, W)`` in MONAI's axis order (``(X, Y)`` for axial slices, ``(columns,
             rows)`` for 2D images; authors: 128 x 128).
-        cache: ``"none"``, ``"memory"`` (``CacheDataset``) or ``"disk"`` (``PersistentDataset`` in
-            ``cache_dir``); only the deterministic part is cached, views stay random every epoch.
-        cache_dir: folder of the disk cache. Its file names carry a digest of the deterministic settings (with
-            defaults) and :data:`CACHE_LAYOUT_VERSION`, so entries written under other settings or an older
-            layout (e.g. before the in-plane orientation change) are never read back.
+        cache: ``"none"``, ``"memory"`` or ``"disk"`` (see :func:`pretrain_dataset`).
+        cache_dir: folder of the disk cache.
         cache_num_workers: workers that fill the memory cache.
         skip_bad_inputs: skip (log, and drop in collate) bad inputs instead of raising.
-        seed: seed of the random transforms (each loader worker offsets it).
-        transform_kwargs: passed to :func:`build_pretrain_transforms` (``slice_policy``, ``slice_axis``,
+        seed: seed of the random transforms.
+        transform_kwargs: passed to :func:`pretrain_transform_lists` (``slice_policy``, ``slice_axis``,
             ``axcodes``, ``pixdim``, ``ct_window``, ``percentiles``, ``in_plane_mode``, ``view_transforms``,
             ``view_policy``, ``image_scale``, ``num_local_crops``, ``local_size``, ``reader``,
             ``max_voxels``). ``axcodes`` (default ``"RAS"``, ``None``: keep the file's axes) orients volumes
             before slicing; keep it equal to the ``Orientationd`` of the fine-tuning pipeline, so that the
             slices the encoder learns from are the planes the fine-tuned network meets, in the same axis order
             and direction.
-
-    Returns:
-        A MONAI ``Dataset``, ``CacheDataset`` or ``PersistentDataset``; ``dataset.data[i]["dims"]`` tells
-        volumes from images (the batch sampler uses it) and ``"index"`` is the position in the datalist.
     """
     check_int("num_slices", num_slices, 1)
     if not isinstance(spatial_size, Sequence) or len(spatial_size) != 2:
         raise ValueError(f"spatial_size must be a list of 2 integers >= 1 (H, W), got {spatial_size!r}")
     for size in spatial_size:
         check_int("spatial_size", size, 1)
-    check_bool("skip_bad_inputs", skip_bad_inputs)
-    check_int("seed", seed, 0)
-    entries = load_datalist(datalist) if isinstance(datalist, (str, os.PathLike)) else list(datalist)
-    data = []
-    for i, entry in enumerate(entries):
-        if "image" not in entry or "dims" not in entry:
-            raise BadInputError(f"datalist entry {i}", "needs 'image' and 'dims' fields")
-        data.append({**entry, "index": i, "modality": entry.get("modality", "OT")})
-    det, rnd = build_pretrain_transforms(
-        num_slices=num_slices, spatial_size=spatial_size, skip_bad_inputs=skip_bad_inputs, seed=seed,
-        **transform_kwargs,
-    )  # fmt: skip
-    transform = Compose([*det.transforms, *rnd.transforms])
-    transform.set_random_state(seed=seed)  # Compose() reseeds its children from MONAI's global seed
-    if cache == "none":
-        return SSLDataset(data, transform)
-    if cache == "memory":
-        return SSLCacheDataset(data, transform, num_workers=cache_num_workers, progress=False)
-    if cache == "disk":
-        if cache_dir is None:
-            raise ValueError("cache='disk' needs a cache_dir")
-        settings = inspect.signature(build_pretrain_transforms).bind(
-            num_slices=num_slices,
-            spatial_size=spatial_size,
-            skip_bad_inputs=skip_bad_inputs,
-            **transform_kwargs,
-        )
-        settings.apply_defaults()  # a changed default (e.g. axcodes) changes the cache names too
-        cached = {k: v for k, v in settings.arguments.items() if k not in _RANDOM_ONLY_SETTINGS}
-        return SSLPersistentDataset(
-            data,
-            transform,
-            cache_dir=str(cache_dir),
-            hash_transform=functools.partial(_settings_hash, {"layout": CACHE_LAYOUT_VERSION, **cached}),
-        )
-    raise ValueError(f"cache must be 'none', 'memory' or 'disk', got {cache!r}")
+    deterministic, random = pretrain_transform_lists(num_slices, spatial_size, **transform_kwargs)
+    return pretrain_dataset(
+        datalist,
+        deterministic,
+        random,
+        cache=cache,
+        cache_dir=cache_dir,
+        cache_num_workers=cache_num_workers,
+        skip_bad_inputs=skip_bad_inputs,
+        seed=seed,
+    )
 
 
-def _settings_hash(settings: Mapping[str, Any], _transforms: Any = None) -> bytes:
-    """``hash_transform`` of the disk cache: a digest of the deterministic settings (MONAI's own would hash
-    only the transforms' class names), appended to every cache file name."""
-    text = json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest().encode("utf-8")
+def _settings(obj: Any, depth: int = 0) -> Any:
+    """A JSON-able description of a transform's settings: its class and public attributes, recursively."""
+    if isinstance(obj, (bool, int, float, str, type(None))):
+        return obj
+    if isinstance(obj, np.ndarray) and obj.size <= 64:
+        return obj.tolist()
+    if isinstance(obj, (list, tuple)):
+        return [_settings(v, depth + 1) for v in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): _settings(v, depth + 1) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if depth < 8 and hasattr(obj, "__dict__") and not isinstance(obj, np.random.RandomState):
+        state = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "R"}
+        return {"class": type(obj).__qualname__, **_settings(state, depth + 1)}
+    return type(obj).__qualname__
+
+
+def transforms_digest(transforms: Sequence[Transform], **extra: Any) -> str:
+    """A digest of what a list of deterministic transforms computes: each transform's class and settings
+    (public attributes, recursively), :data:`CACHE_LAYOUT_VERSION` and ``extra``. The disk cache's file names
+    carry it (MONAI's default ``hash_transform`` hashes class names only), so a changed setting never reads
+    an entry written under the old one."""
+    description = {"layout": CACHE_LAYOUT_VERSION, "transforms": _settings(list(transforms)), **extra}
+    text = json.dumps(description, sort_keys=True, default=str)
+    return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
 def build_pretrain_loader(
