@@ -32,6 +32,7 @@ from jointssl_monai.data.dicom import order_dicom_series
 from jointssl_monai.data.io import LoadSSLImaged, load_ssl_image
 from jointssl_monai.data.sources import pretrain_datalist
 from jointssl_monai.data.transforms import (
+    RANDOM_SLICE_POLICIES,
     SLICE_POLICIES,
     ResizeInPlaned,
     ScaleIntensityByModalityd,
@@ -42,6 +43,7 @@ from jointssl_monai.data.views import VOLUME_VIEW_TRANSFORMS, ImageViewsd, Volum
 
 __all__ = [
     "DEFAULT_MAX_VOXELS",
+    "RANDOM_SLICE_POLICIES",
     "SKIPPED_KEY",
     "SLICE_POLICIES",
     "VOLUME_VIEW_TRANSFORMS",

@@ -33,7 +33,12 @@ from jointssl_monai.data.batching import SKIPPED_KEY, MixedBatchSampler, SampleK
 from jointssl_monai.data.checks import DEFAULT_MAX_VOXELS, BadInputError, SkipLog, describe_path
 from jointssl_monai.data.datalist import load_datalist
 from jointssl_monai.data.io import LoadSSLImaged
-from jointssl_monai.data.transforms import ResizeInPlaned, ScaleIntensityByModalityd, SliceSequenced
+from jointssl_monai.data.transforms import (
+    RANDOM_SLICE_POLICIES,
+    ResizeInPlaned,
+    ScaleIntensityByModalityd,
+    SliceSequenced,
+)
 from jointssl_monai.data.views import VOLUME_VIEW_TRANSFORMS, ImageViewsd, VolumeViewsd
 from jointssl_monai.utils.arguments import check_bool, check_choice, check_int
 
@@ -233,8 +238,8 @@ def pretrain_transform_lists(
 ) -> tuple[list[Transform], list[Transform]]:
     """The ``(deterministic, random)`` transform lists, from settings, that ``pretrain.json`` writes out as
     ``train#deterministic_transforms`` and ``train#random_transforms`` (arguments: see
-    :func:`build_pretrain_dataset`). The slicing is deterministic, hence cached, unless ``slice_policy`` is
-    ``"random"``."""
+    :func:`build_pretrain_dataset`). The slicing is deterministic, hence cached, unless the ``slice_policy``
+    draws at random (:data:`~jointssl_monai.data.transforms.RANDOM_SLICE_POLICIES`)."""
     deterministic: list[Transform] = [LoadSSLImaged("image", reader=reader, max_voxels=max_voxels)]
     if axcodes:
         deterministic.append(
@@ -253,8 +258,8 @@ def pretrain_transform_lists(
     )
     # 2D images keep their full size here: their random resized crops bring them to spatial_size
     to_slices = [slicer, VolumeOnlyd(ResizeInPlaned("image", spatial_size, mode=in_plane_mode))]
-    random: list[Transform] = to_slices if slice_policy == "random" else []
-    if slice_policy != "random":
+    random: list[Transform] = to_slices if slice_policy in RANDOM_SLICE_POLICIES else []
+    if slice_policy not in RANDOM_SLICE_POLICIES:
         deterministic += to_slices
     random.append(
         JointViewsd(VolumeViewsd("image", transforms=view_transforms, policy=view_policy), image_views)

@@ -19,14 +19,24 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, Resize, ResizeWithPadOrCrop
 
 from jointssl_monai.data.checks import BadInputError
+from jointssl_monai.utils.arguments import check_int, check_size
 
-__all__ = ["SLICE_POLICIES", "ResizeInPlaned", "ScaleIntensityByModalityd", "SliceSequenced"]
+__all__ = [
+    "RANDOM_SLICE_POLICIES",
+    "SLICE_POLICIES",
+    "ResizeInPlaned",
+    "ScaleIntensityByModalityd",
+    "SliceSequenced",
+]
 
 #: ``center``: centre crop (or zero-pad at the end) to S slices, as the authors' code does; ``random``: a
 #: random contiguous window of S slices; ``stride``: S slices at a uniform stride over the whole volume;
 #: ``random_stride``: the same comb of S slices over the whole volume, shifted by a random fraction of the
 #: stride, so that every slice is drawn over the epochs and a step's slices are spread over the anatomy.
 SLICE_POLICIES = ("center", "random", "stride", "random_stride")
+#: The slice policies that draw at random: their slicing belongs to the random part of a pipeline (after the
+#: cache, reseeded for every item), never to the cached deterministic part.
+RANDOM_SLICE_POLICIES = ("random", "random_stride")
 
 
 def _source(d: Mapping[Hashable, Any], key: Hashable) -> str:
@@ -121,8 +131,7 @@ class SliceSequenced(Randomizable, MapTransform):
         super().__init__(keys, allow_missing_keys)
         if policy not in SLICE_POLICIES:
             raise ValueError(f"policy must be one of {SLICE_POLICIES}, got {policy!r}")
-        if num_slices < 1:
-            raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+        check_int("num_slices", num_slices, 1)
         if slice_axis not in (0, 1, 2, "auto"):
             raise ValueError(f"slice_axis must be 0, 1, 2 or 'auto', got {slice_axis!r}")
         self.num_slices = num_slices
@@ -203,7 +212,7 @@ class ResizeInPlaned(MapTransform):
         super().__init__(keys, allow_missing_keys)
         if mode not in ("resize", "crop_pad"):
             raise ValueError(f"mode must be 'resize' or 'crop_pad', got {mode!r}")
-        self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.spatial_size = check_size("spatial_size", spatial_size)
         self.mode = mode
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

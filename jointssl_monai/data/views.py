@@ -39,6 +39,8 @@ from monai.transforms import (
     RandSimulateLowResolution,
 )
 
+from jointssl_monai.utils.arguments import check_size
+
 __all__ = ["VOLUME_VIEW_TRANSFORMS", "ImageViewsd", "VolumeViewsd"]
 
 #: Names of the per-view volume transforms, as in the authors' augmentation list.
@@ -187,8 +189,8 @@ class ImageViewsd(_ViewsBase):
         keep_input: bool = False,
     ) -> None:
         super().__init__(keys)
-        self.spatial_size = tuple(int(v) for v in spatial_size)
-        self.local_size = tuple(int(v) for v in local_size)
+        self.spatial_size = check_size("spatial_size", spatial_size)
+        self.local_size = check_size("local_size", local_size)
         self.num_views = num_views
         self.num_local = num_local
         self.scale, self.local_scale, self.ratio = scale, local_scale, ratio

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_number"]
+__all__ = ["check_bool", "check_choice", "check_int", "check_number", "check_size"]
 
 
 def check_int(name: str, value: Any, minimum: int | None = None) -> int:
@@ -59,3 +59,11 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
     return value
+
+
+def check_size(name: str, value: Any, length: int = 2) -> tuple[int, ...]:
+    """``value`` as a tuple if it is a list of ``length`` integers ``>= 1``; else ``ValueError`` naming
+    ``name`` (a spatial size such as ``[128, 128]``)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != length:
+        raise ValueError(f"{name} must be a list of {length} integers >= 1, got {value!r}")
+    return tuple(check_int(name, v, 1) for v in value)

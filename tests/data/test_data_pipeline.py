@@ -254,3 +254,23 @@ def test_optional_resampling_and_auto_slice_axis(colin_small):
     sliced = build_pretrain_dataset(entry, num_slices=64, spatial_size=(16, 16), pixdim=(3.0, 6.0, 3.0),
                                     slice_axis="auto")[0]  # fmt: skip
     assert sliced["num_slices"] == 36
+
+
+@pytest.mark.parametrize(("policy", "moves"), [("random_stride", True), ("random", True), ("center", False)])
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_random_slice_policies_draw_their_slices_for_every_item_even_under_a_cache(
+    policy, moves, cache, itk_t1
+):
+    # the views only flip in-plane here, so each slice's sum tells which source slice it is
+    entry = [{"image": str(itk_t1), "dims": 3, "modality": "MR"}]
+    dataset = build_pretrain_dataset(entry, num_slices=8, spatial_size=(16, 16), slice_policy=policy,
+                                     cache=cache, view_transforms=("flip",))  # fmt: skip
+
+    def slice_sums(seed: int, view: int = 0) -> torch.Tensor:
+        return dataset[SampleKey(0, seed)]["views"][view].sum(dim=(0, 2, 3))
+
+    torch.testing.assert_close(slice_sums(1), slice_sums(1))  # one draw: the same slices, in both views
+    torch.testing.assert_close(slice_sums(1), slice_sums(1, view=1))
+    assert (
+        not torch.allclose(slice_sums(1), slice_sums(2))
+    ) == moves  # another draw: other slices, if random

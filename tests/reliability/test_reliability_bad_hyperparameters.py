@@ -57,7 +57,7 @@ BAD = [
     ("warmup_epochs", 200, "warmup_epochs must be <= max_epochs (100), got 200"),
     ("amp", "fp8", "amp must be 'none', 'bf16' or 'fp16'"),
     ("grad_clip_norm", 0, "grad_clip_norm must be a number > 0, got 0"),
-    ("cache", "gpu", "cache must be 'none', 'memory' or 'disk'"),
+    ("cache", "gpu", "cache must be one of 'none', 'memory', 'disk'; got 'gpu'"),
     ("skip_bad_inputs", "yes", "skip_bad_inputs must be true or false, got 'yes'"),
     ("seed", -1, "seed must be an integer >= 0, got -1"),
 ]
