@@ -110,7 +110,7 @@ def worker(spec: dict) -> dict:
 
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    net = JointSSLNet(
+    net = JointSSLNet.from_settings(
         **spec["net"],
         conv1_t_stride=spec["conv1_t_stride"],
         channels_last=spec.get("channels_last", False),

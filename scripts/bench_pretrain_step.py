@@ -53,7 +53,7 @@ def synthetic_batch(cfg: dict, generator: torch.Generator) -> dict:
 
 def run_case(cfg: dict, amp: str, device: torch.device, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
-    net = JointSSLNet(
+    net = JointSSLNet.from_settings(
         backbone=cfg["backbone"], d_model=cfg["d_model"], num_layers=cfg["num_layers"], ff_dim=cfg["ff_dim"],
         proj_hidden_dim=cfg["proj_hidden_dim"], intra_prototypes=cfg["prototypes"],
         inter_prototypes=cfg["prototypes"],

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_export_writes_a_3d_flexibleunet_encoder_from_a_pretraining_checkpoint(tmp_path):
-    net = JointSSLNet(backbone="resnet10", d_model=16, proj_hidden_dim=16, proj_dim=8, intra_prototypes=4,
-                      inter_prototypes=2, num_layers=1, ff_dim=16, heads=2, dim_head=8)  # fmt: skip
+    net = JointSSLNet.from_settings(backbone="resnet10", d_model=16, proj_hidden_dim=16, proj_dim=8,
+                                    intra_prototypes=4, inter_prototypes=2, num_layers=1, ff_dim=16, heads=2,
+                                    dim_head=8)  # fmt: skip
     checkpoint = tmp_path / "checkpoint_final.pt"
     torch.save({"network": net.state_dict(), "trainer": {"iteration": 3}}, checkpoint)
     output = tmp_path / "encoder3d.pt"

@@ -284,7 +284,7 @@ def rebuild_network(
     kwargs.update(overrides or {})
     if overrides:
         assumed.append(f"overridden: {overrides}")
-    net = JointSSLNet(**kwargs)
+    net = JointSSLNet.from_settings(**kwargs)
     try:
         net.load_state_dict(dict(state), strict=True)
     except RuntimeError as err:

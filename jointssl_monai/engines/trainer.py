@@ -55,8 +55,9 @@ class JointSSLTrainer(Trainer):
 
         trainer = JointSSLTrainer(
             device=torch.device("cpu"), max_epochs=100, train_data_loader=loader,
-            network=JointSSLNet(...), optimizer=build_optimizer(net), loss_function=JointSSLLoss(...),
-            slices_per_sample=64, amp="bf16", train_handlers=[StatsHandler(...)],
+            network=JointSSLNet.from_settings(...), optimizer=build_optimizer(net),
+            loss_function=JointSSLLoss(...), slices_per_sample=64, amp="bf16",
+            train_handlers=[StatsHandler(...)],
         )
         trainer.run()
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jointssl_monai.networks.deformable_attention import DeformableAttention1D, check_prefix_mask
+from jointssl_monai.utils.arguments import check_int
 
 __all__ = ["FullAttention1D", "SliceAggregator", "SliceTransformerLayer", "sinusoidal_position_encoding"]
 
@@ -156,6 +157,9 @@ class SliceAggregator(nn.Module):
         deformable_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
+        check_int("d_model", d_model, 1)
+        check_int("num_layers", num_layers, 0)
+        check_int("ff_dim", ff_dim, 1)
         self.d_model = d_model
         self.attention = attention
         self.position_encoding = attention == "full" if position_encoding is None else position_encoding

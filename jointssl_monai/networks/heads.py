@@ -37,6 +37,7 @@ class ProjectionHead(nn.Module):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"ProjectionHead: num_layers must be >= 1, got {num_layers}.")
+        self.in_dim, self.out_dim = in_dim, out_dim
         layers: list[nn.Module] = []
         dim = in_dim
         for _ in range(num_layers - 1):
@@ -70,6 +71,7 @@ class MultiPrototypes(nn.Module):
         sizes = [num_prototypes] if isinstance(num_prototypes, int) else [int(k) for k in num_prototypes]
         if not sizes or min(sizes) < 1:
             raise ValueError(f"MultiPrototypes: num_prototypes must be positive, got {num_prototypes}.")
+        self.dim = dim
         self.num_prototypes = tuple(sizes)
         self.heads = nn.ModuleList(nn.Linear(dim, k, bias=False) for k in sizes)
         self.normalize_()

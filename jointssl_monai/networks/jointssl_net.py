@@ -20,7 +20,6 @@ from jointssl_monai.networks.heads import MultiPrototypes, ProjectionHead
 from jointssl_monai.networks.masked_modeling import MaskedSliceModeling
 from jointssl_monai.networks.slice_encoder import SliceEncoder
 from jointssl_monai.outputs import ClusterBranch, JointSSLOutput
-from jointssl_monai.utils.arguments import check_int
 
 __all__ = ["JointSSLNet"]
 
@@ -40,109 +39,76 @@ class JointSSLNet(nn.Module):
     The authors' staged recipe maps onto flags: stage A ``use_inter=False, use_mask=False``; stage B
     ``use_intra=False, use_inter=False, freeze_encoder=True``; stage C ``use_intra=False, use_mask=False``
     with the whole network trained, slice encoder included (their stage C optimises every parameter of
-    ``ResNet_Trans``).
-    Every module is built whatever the flags, so checkpoints of all stages share one key set; the parameters
-    of a disabled branch are frozen (``requires_grad=False``) so that distributed data parallel does not wait
-    for their gradients. ``freeze_encoder`` also keeps the encoder in eval mode (fixed BatchNorm statistics)
-    and runs it without autograd.
+    ``ResNet_Trans``). Every part is built whatever the flags, so checkpoints of all stages share one key set;
+    the parameters of a disabled branch are frozen (``requires_grad=False``) so that distributed data
+    parallel does not wait for their gradients. ``freeze_encoder`` also keeps the encoder in eval mode (fixed
+    BatchNorm statistics) and runs it without autograd.
+
+    The network is built from its parts, as ``pretrain.json`` lists them; :meth:`from_settings` builds the
+    parts from flat settings.
+
+    Example::
+
+        net = JointSSLNet.from_settings(backbone="resnet18", d_model=128, intra_prototypes=64)
 
     Args:
-        backbone: ResNet name of the slice encoder (``resnet10`` ... ``resnet200``).
-        in_channels: channels of a slice or image.
-        d_model: slice-token and volume-feature size.
-        proj_hidden_dim: hidden width of the projection heads.
-        proj_dim: projection (clustering space) size.
-        intra_prototypes: prototypes of the intra level; a sequence gives several heads (DeepCluster-v2).
-        inter_prototypes: prototypes of the inter level; a sequence gives several heads.
-        num_layers: aggregator layers.
-        ff_dim: aggregator feed-forward width.
-        heads: attention heads.
-        dim_head: size of each attention head.
-        dropout: aggregator dropout.
-        attention: ``"deformable"`` or ``"full"``.
-        mask_ratio: fraction of valid slices masked for masked slice modelling.
+        encoder: the slice encoder ``f_intra`` (:class:`SliceEncoder`), ``(N, C, H, W) -> (N, d_model)``.
+        aggregator: the slice aggregator ``f_inter`` (:class:`SliceAggregator`) over ``d_model`` tokens.
+        masked_modeling: the mask token and decoder of masked slice modelling (:class:`MaskedSliceModeling`).
+        intra_head: the projection head of the slice/image level (:class:`ProjectionHead`).
+        inter_head: the projection head of the volume level.
+        intra_prototypes: the prototypes of the slice/image level (:class:`MultiPrototypes`).
+        inter_prototypes: the prototypes of the volume level.
         use_intra: compute the intra (slice/image) clustering branch.
         use_inter: compute the inter (volume) clustering branch.
         use_mask: compute masked slice modelling.
         freeze_encoder: freeze the slice encoder (authors' stage B).
-        multi_stage: slice embedding from every ResNet stage (else the last stage only).
-        conv1_t_stride: stride of the ResNet stem convolution (see :class:`SliceEncoder`).
-        gradient_checkpointing: recompute encoder activations in the backward pass.
-        channels_last: run the encoder in channels-last memory format.
-        proj_num_layers: linear layers of each projection head.
-        proj_batch_norm: BatchNorm in the intra projection head.
-        inter_proj_batch_norm: BatchNorm in the inter projection head (default off: its batch is only
-            ``2 x`` volumes per process, and BatchNorm over two rows encodes the difference of the views).
-        position_encoding: sinusoidal slice position encoding in the aggregator (``None``: only for
-            ``"full"``).
-        deformable_kwargs: extra arguments of :class:`DeformableAttention1D`.
-        mask_decoder_hidden_dim: hidden width of the masked-modelling decoder (default ``d_model``).
     """
 
     def __init__(
         self,
-        backbone: str = "resnet50",
-        in_channels: int = 1,
-        d_model: int = 640,
-        proj_hidden_dim: int = 2048,
-        proj_dim: int = 128,
-        intra_prototypes: int | Sequence[int] = 3000,
-        inter_prototypes: int | Sequence[int] = 3000,
-        num_layers: int = 4,
-        ff_dim: int = 720,
-        heads: int = 8,
-        dim_head: int = 64,
-        dropout: float = 0.1,
-        attention: str = "deformable",
-        mask_ratio: float = 0.1,
+        encoder: SliceEncoder,
+        aggregator: SliceAggregator,
+        masked_modeling: MaskedSliceModeling,
+        intra_head: ProjectionHead,
+        inter_head: ProjectionHead,
+        intra_prototypes: MultiPrototypes,
+        inter_prototypes: MultiPrototypes,
         use_intra: bool = True,
         use_inter: bool = True,
         use_mask: bool = True,
         freeze_encoder: bool = False,
-        multi_stage: bool = True,
-        conv1_t_stride: int = 2,
-        gradient_checkpointing: bool = False,
-        channels_last: bool = False,
-        proj_num_layers: int = 2,
-        proj_batch_norm: bool = True,
-        inter_proj_batch_norm: bool = False,
-        position_encoding: bool | None = None,
-        deformable_kwargs: dict | None = None,
-        mask_decoder_hidden_dim: int | None = None,
     ) -> None:
         super().__init__()
         if not (use_intra or use_inter or use_mask):
             raise ValueError("JointSSLNet: at least one of use_intra, use_inter, use_mask must be True.")
-        check_int("d_model", d_model, 1)
-        check_int("num_layers", num_layers, 0)
-        check_int("ff_dim", ff_dim, 1)
-        if use_mask and mask_ratio == 0:
+        if use_mask and masked_modeling.mask_ratio == 0:
             raise ValueError("mask_ratio must be > 0 when masked slice modelling is on (w_mask > 0), got 0")
+        d_model = encoder.d_model
+        sizes = (
+            ("aggregator.d_model", aggregator.d_model, d_model),
+            ("masked_modeling.d_model", masked_modeling.d_model, d_model),
+            ("intra_head.in_dim", intra_head.in_dim, d_model),
+            ("inter_head.in_dim", inter_head.in_dim, d_model),
+            ("intra_prototypes.dim", intra_prototypes.dim, intra_head.out_dim),
+            ("inter_prototypes.dim", inter_prototypes.dim, inter_head.out_dim),
+        )
+        mismatches = [f"{name} is {got}, expected {want}" for name, got, want in sizes if got != want]
+        if mismatches:
+            raise ValueError(
+                f"JointSSLNet: the parts do not fit (encoder.d_model={d_model}): " + "; ".join(mismatches)
+            )
         self.use_intra, self.use_inter, self.use_mask = use_intra, use_inter, use_mask
         self.freeze_encoder = freeze_encoder
-        self.in_channels = in_channels
+        self.in_channels = encoder.in_channels
         self.d_model = d_model
-        self.encoder = SliceEncoder(
-            backbone, in_channels, d_model, multi_stage, conv1_t_stride, gradient_checkpointing, channels_last
-        )
-        self.aggregator = SliceAggregator(
-            d_model,
-            num_layers,
-            ff_dim,
-            heads,
-            dim_head,
-            dropout,
-            attention,
-            position_encoding,
-            deformable_kwargs,
-        )
-        self.masked_modeling = MaskedSliceModeling(d_model, mask_ratio, mask_decoder_hidden_dim)
-        self.intra_head = ProjectionHead(d_model, proj_hidden_dim, proj_dim, proj_num_layers, proj_batch_norm)
-        self.inter_head = ProjectionHead(
-            d_model, proj_hidden_dim, proj_dim, proj_num_layers, inter_proj_batch_norm
-        )
-        self.intra_prototypes = MultiPrototypes(proj_dim, intra_prototypes)
-        self.inter_prototypes = MultiPrototypes(proj_dim, inter_prototypes)
+        self.encoder = encoder
+        self.aggregator = aggregator
+        self.masked_modeling = masked_modeling
+        self.intra_head = intra_head
+        self.inter_head = inter_head
+        self.intra_prototypes = intra_prototypes
+        self.inter_prototypes = inter_prototypes
 
         unused: list[nn.Module] = []
         if freeze_encoder:
@@ -159,6 +125,105 @@ class JointSSLNet(nn.Module):
             module.requires_grad_(False)
         if freeze_encoder:
             self.encoder.eval()
+
+    @classmethod
+    def from_settings(
+        cls,
+        backbone: str = "resnet50",
+        in_channels: int = 1,
+        d_model: int = 640,
+        multi_stage: bool = True,
+        conv1_t_stride: int = 2,
+        gradient_checkpointing: bool = False,
+        channels_last: bool = False,
+        num_layers: int = 4,
+        ff_dim: int = 720,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.1,
+        attention: str = "deformable",
+        position_encoding: bool | None = None,
+        deformable_kwargs: dict | None = None,
+        mask_ratio: float = 0.1,
+        mask_decoder_hidden_dim: int | None = None,
+        proj_hidden_dim: int = 2048,
+        proj_dim: int = 128,
+        proj_num_layers: int = 2,
+        proj_batch_norm: bool = True,
+        inter_proj_batch_norm: bool = False,
+        intra_prototypes: int | Sequence[int] = 3000,
+        inter_prototypes: int | Sequence[int] = 3000,
+        use_intra: bool = True,
+        use_inter: bool = True,
+        use_mask: bool = True,
+        freeze_encoder: bool = False,
+    ) -> JointSSLNet:
+        """Build the parts from flat settings (the paper's values by default), in the order ``pretrain.json``
+        lists them, and the network from them.
+
+        Args:
+            backbone: slice encoder: ResNet name (``resnet10`` ... ``resnet200``).
+            in_channels: slice encoder: channels of a slice or image.
+            d_model: slice-token and volume-feature size (every part).
+            multi_stage: slice encoder: embedding from every ResNet stage (else the last stage only).
+            conv1_t_stride: slice encoder: stride of the ResNet stem convolution.
+            gradient_checkpointing: slice encoder: recompute activations in the backward pass.
+            channels_last: slice encoder: channels-last memory format.
+            num_layers: aggregator: layers.
+            ff_dim: aggregator: feed-forward width.
+            heads: aggregator: attention heads.
+            dim_head: aggregator: size of each attention head.
+            dropout: aggregator: dropout.
+            attention: aggregator: ``"deformable"`` or ``"full"``.
+            position_encoding: aggregator: sinusoidal slice positions (``None``: only for ``"full"``).
+            deformable_kwargs: aggregator: extra arguments of :class:`DeformableAttention1D`.
+            mask_ratio: masked slice modelling: fraction of valid slices masked.
+            mask_decoder_hidden_dim: masked slice modelling: decoder width (default ``d_model``).
+            proj_hidden_dim: projection heads: hidden width.
+            proj_dim: projection heads: output (clustering space) size.
+            proj_num_layers: projection heads: linear layers.
+            proj_batch_norm: intra projection head: BatchNorm.
+            inter_proj_batch_norm: inter projection head: BatchNorm (default off: its batch is only ``2 x``
+                volumes per process, and BatchNorm over two rows encodes the difference of the views).
+            intra_prototypes: prototypes of the intra level; a sequence gives several heads (DeepCluster-v2).
+            inter_prototypes: prototypes of the inter level; a sequence gives several heads.
+            use_intra: compute the intra (slice/image) clustering branch.
+            use_inter: compute the inter (volume) clustering branch.
+            use_mask: compute masked slice modelling.
+            freeze_encoder: freeze the slice encoder (authors' stage B).
+        """
+        encoder = SliceEncoder(
+            backbone, in_channels, d_model, multi_stage, conv1_t_stride, gradient_checkpointing, channels_last
+        )
+        aggregator = SliceAggregator(
+            d_model,
+            num_layers,
+            ff_dim,
+            heads,
+            dim_head,
+            dropout,
+            attention,
+            position_encoding,
+            deformable_kwargs,
+        )
+        masked_modeling = MaskedSliceModeling(d_model, mask_ratio, mask_decoder_hidden_dim)
+        intra_head = ProjectionHead(d_model, proj_hidden_dim, proj_dim, proj_num_layers, proj_batch_norm)
+        inter_head = ProjectionHead(
+            d_model, proj_hidden_dim, proj_dim, proj_num_layers, inter_proj_batch_norm
+        )
+        return cls(
+            encoder,
+            aggregator,
+            masked_modeling,
+            intra_head,
+            inter_head,
+            MultiPrototypes(proj_dim, intra_prototypes),
+            MultiPrototypes(proj_dim, inter_prototypes),
+            use_intra=use_intra,
+            use_inter=use_inter,
+            use_mask=use_mask,
+            freeze_encoder=freeze_encoder,
+        )
 
     @staticmethod
     def _check_level(level: str) -> None:

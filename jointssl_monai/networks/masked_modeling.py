@@ -29,6 +29,7 @@ class MaskedSliceModeling(nn.Module):
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"MaskedSliceModeling: mask_ratio must be in [0, 1), got {mask_ratio}.")
         self.mask_ratio = mask_ratio
+        self.d_model = d_model
         self.mask_token = nn.Parameter(torch.randn(d_model) * 0.02)
         hidden_dim = hidden_dim or d_model
         self.decoder = nn.Sequential(

@@ -60,6 +60,7 @@ class SliceEncoder(nn.Module):
         super().__init__()
         names = ResNetEncoder.backbone_names
         check_int("in_channels", in_channels, 1)
+        check_int("d_model", d_model, 1)
         if backbone not in names:
             raise ValueError(f"SliceEncoder: unknown backbone {backbone!r}, expected one of {names}.")
         if conv1_t_stride not in (1, 2):

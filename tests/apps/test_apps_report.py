@@ -239,7 +239,7 @@ def test_network_is_rebuilt_from_its_weights(settings):
     from jointssl_monai.networks import JointSSLNet
 
     torch.manual_seed(0)
-    net = JointSSLNet(**{**COMMON, **settings}).eval()
+    net = JointSSLNet.from_settings(**{**COMMON, **settings}).eval()
     rebuilt, kwargs, _ = rebuild_network(net.state_dict(), {"backbone": "resnet10"})
     for key, value in settings.items():
         if key == "deformable_kwargs":

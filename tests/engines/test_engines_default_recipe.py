@@ -22,7 +22,7 @@ def _recipe(*extra: str) -> dict:
 def _encoder_change(recipe: dict, steps: int = 5) -> float:
     """Relative change ``||W_T - W_0|| / ||W_0||`` of the encoder's ResNet convolutions after ``steps``."""
     torch.manual_seed(0)
-    net = JointSSLNet(
+    net = JointSSLNet.from_settings(
         "resnet10",
         d_model=32,
         proj_hidden_dim=32,

@@ -24,7 +24,7 @@ SLICES = 4
 
 def tiny_net() -> JointSSLNet:
     torch.manual_seed(0)
-    return JointSSLNet(
+    return JointSSLNet.from_settings(
         backbone="resnet10", d_model=16, proj_hidden_dim=16, proj_dim=8, intra_prototypes=5,
         inter_prototypes=3, num_layers=1, ff_dim=16, heads=2, dim_head=8,
     )  # fmt: skip

@@ -26,7 +26,7 @@ SETTINGS = {
     "inter_method": "deepcluster",  # one bank and one k-means for all processes
     "intra_queue_length": 0,  # the SwAV queue is per process (as in SwAV)
     "w_mask": 0.0,  # masks come from each process's torch generator, drawn per batch shape
-    "network_def#dropout": 0.0,  # likewise
+    "network_def#aggregator#dropout": 0.0,  # likewise
     # Every loss is a mean over this process's rows and DDP averages those means, so one process gives the
     # same gradient only with as many rows in every process. The shortest volumes have 3 and 5 slices (with 6,
     # a step of 3 + 1 rows on one rank and 5 + 1 on the other left the weights about 1 % of their step apart).

@@ -96,7 +96,7 @@ def test_stages_a_b_c_chain_through_init_checkpoint(tmp_path, itk_t1, pydicom_ct
 def _tiny_net(**kwargs) -> JointSSLNet:
     settings = {"backbone": "resnet10", "d_model": 16, "proj_hidden_dim": 16, "proj_dim": 8, "num_layers": 1}
     settings |= {"ff_dim": 16, "heads": 2, "dim_head": 8, "intra_prototypes": 4, "inter_prototypes": 2}
-    return JointSSLNet(**(settings | kwargs))
+    return JointSSLNet.from_settings(**(settings | kwargs))
 
 
 def test_init_checkpoint_takes_another_prototype_layout_and_nothing_else(tmp_path):

@@ -13,7 +13,7 @@ from jointssl_monai.networks import JointSSLNet
 @pytest.fixture(scope="module")
 def net() -> JointSSLNet:
     sizes = dict(d_model=16, proj_hidden_dim=16, proj_dim=8, num_layers=1, ff_dim=16, heads=2, dim_head=8)
-    return JointSSLNet("resnet10", intra_prototypes=4, inter_prototypes=[2, 2, 2], **sizes)
+    return JointSSLNet.from_settings("resnet10", intra_prototypes=4, inter_prototypes=[2, 2, 2], **sizes)
 
 
 def _gradients_after_backward(handler: PrototypeHandler, iterations: int) -> list[bool]:

@@ -22,7 +22,7 @@ TINY = dict(
 
 def _net(**kw):
     torch.manual_seed(0)
-    return JointSSLNet(**{**TINY, **kw})
+    return JointSSLNet.from_settings(**{**TINY, **kw})
 
 
 def _volumes(num_slices, s=5, hw=32):
@@ -188,3 +188,45 @@ def test_volume_head_has_no_batch_norm_by_default():
     out = net([vol, vol + 0.01 * torch.randn_like(vol)], torch.tensor([5]))
     cosine = torch.nn.functional.cosine_similarity(out.inter.embeddings[0], out.inter.embeddings[1])
     assert float(cosine.detach()) > 0.95
+
+
+def test_the_bundle_lists_the_parts_the_builder_builds(tmp_path):
+    from monai.bundle import ConfigParser
+
+    from jointssl_monai.apps.bundle_commands import find_bundle_dir
+
+    parser = ConfigParser()
+    parser.read_config(str(find_bundle_dir() / "configs" / "pretrain.json"))
+    settings = {"backbone": "resnet10", "d_model": 32, "proj_hidden_dim": 32, "proj_dim": 16, "num_layers": 2,
+                "ff_dim": 48, "attention_heads": 2, "attention_head_dim": 8, "intra_prototypes": 10,
+                "inter_prototypes": 3, "dataset_dir": str(tmp_path)}  # fmt: skip
+    for key, value in settings.items():
+        parser[key] = value
+    parser["loss#intra_bank_size"], parser["loss#inter_bank_size"] = 100, 10  # no data set needed
+    parser["loss#intra_queue_length"], parser["loss#inter_queue_length"] = 0, 0
+    torch.manual_seed(0)
+    listed = parser.get_parsed_content("network_def")
+    loss = parser.get_parsed_content("loss")
+    torch.manual_seed(0)
+    built = JointSSLNet.from_settings(
+        backbone="resnet10", d_model=32, proj_hidden_dim=32, proj_dim=16, num_layers=2, ff_dim=48, heads=2,
+        dim_head=8, intra_prototypes=loss.prototype_heads("intra"),
+        inter_prototypes=loss.prototype_heads("inter"),
+    )  # fmt: skip
+    assert listed.state_dict().keys() == built.state_dict().keys()
+    for key, value in built.state_dict().items():  # same parts, built in the same order: the same weights
+        torch.testing.assert_close(listed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert [listed.uses(level) for level in ("intra", "inter", "mask")] == [True, True, True]
+
+
+def test_parts_that_do_not_fit_are_refused_by_name():
+    from jointssl_monai.networks import MaskedSliceModeling, MultiPrototypes, ProjectionHead
+
+    net = _net()
+    parts = dict(net.named_children())
+    with pytest.raises(ValueError, match=r"masked_modeling.d_model is 16, expected 32"):
+        JointSSLNet(**{**parts, "masked_modeling": MaskedSliceModeling(16)})
+    with pytest.raises(ValueError, match=r"inter_prototypes.dim is 8, expected 16"):
+        JointSSLNet(**{**parts, "inter_prototypes": MultiPrototypes(8, 4)})
+    with pytest.raises(ValueError, match=r"intra_head.in_dim is 64, expected 32"):
+        JointSSLNet(**{**parts, "intra_head": ProjectionHead(64, 32, 16)})

@@ -15,7 +15,9 @@ from jointssl_monai.networks import JointSSLNet
 def _net(intra=16, inter=(4, 4, 4), **kwargs) -> JointSSLNet:
     torch.manual_seed(0)
     sizes = dict(d_model=16, proj_hidden_dim=16, proj_dim=8, num_layers=1, ff_dim=16, heads=2, dim_head=8)
-    return JointSSLNet("resnet10", intra_prototypes=intra, inter_prototypes=inter, **sizes, **kwargs)
+    return JointSSLNet.from_settings(
+        "resnet10", intra_prototypes=intra, inter_prototypes=inter, **sizes, **kwargs
+    )
 
 
 def _deepcluster_inter(num_volumes: int, k) -> JointSSLLoss:
@@ -73,9 +75,9 @@ def test_bundle_volume_level_defaults_follow_the_authors(tmp_path):
     parser["datalist_entries"] = [{"image": f"v{i}.nii", "dims": 3} for i in range(20)]
     parser["datalist_entries"] += [{"image": f"i{i}.png", "dims": 2} for i in range(10)]
     parser["inter_method"] = "deepcluster"
-    assert parser.get_parsed_content("network_def#inter_prototypes") == [4, 4, 4]
+    assert parser.get_parsed_content("network_def#inter_prototypes#num_prototypes") == [4, 4, 4]
     parser["inter_method"] = "swav"
-    assert parser.get_parsed_content("network_def#inter_prototypes") != [4, 4, 4]
+    assert parser.get_parsed_content("network_def#inter_prototypes#num_prototypes") != [4, 4, 4]
     assert parser.get_parsed_content("inter_proj_batch_norm") is False
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in _net().inter_head.modules())
     # and what the defaults do: the bundle's own network and loss, on 20 volumes and 10 images, pass the
