@@ -147,7 +147,8 @@ class JointSSLCommands:
         ``RUN_DIR/bench_results/ssl_value.json`` when present) as a figure and a table of paired gains. Needs
         matplotlib: ``pip install "jointssl-monai[report]"``.
         """
-        from jointssl_monai.apps.report import make_report, require_matplotlib
+        from jointssl_monai.apps.report import make_report
+        from jointssl_monai.apps.report_figures import require_matplotlib
 
         require_matplotlib()  # the install line, as a user error, before any work
         page = make_report(

@@ -113,7 +113,7 @@ def _add_finetuning_output(root: Path) -> float:
     """A fine-tuning output as train.json + inference.json leave it: models/model.pt and a predicted mask of
     the bundle's test image on its own grid (here the reference mask without its lower half, so the Dice is
     known). Returns that Dice."""
-    from jointssl_monai.apps.report import segmentation_cases
+    from jointssl_monai.apps.report_run import segmentation_cases
     from jointssl_monai.apps.sample_datalists import brain_extraction_datalist
 
     cases, note = segmentation_cases(root)
@@ -149,7 +149,7 @@ def test_report_figures_load_in_headless_chromium(pretrained_run, tmp_path, itk_
     from PIL import Image
 
     from jointssl_monai.apps.cli import JointSSLCommands
-    from jointssl_monai.apps.report import FIGURES, figure_pixels, tsne_available
+    from jointssl_monai.apps.report_figures import FIGURES, figure_pixels, tsne_available
 
     browser = _chromium()
     expected_dice = _add_finetuning_output(pretrained_run)
@@ -204,7 +204,7 @@ def test_report_without_matplotlib_names_the_extra(monkeypatch, capsys, tmp_path
 
 def test_report_of_a_folder_that_is_no_run_is_one_line_and_exit_2(capsys, tmp_path):
     from jointssl_monai.apps.cli import main
-    from jointssl_monai.apps.report import require_matplotlib
+    from jointssl_monai.apps.report_figures import require_matplotlib
 
     try:
         require_matplotlib()
@@ -235,7 +235,7 @@ COMMON = {
 )  # fmt: skip
 def test_network_is_rebuilt_from_its_weights(settings):
     """The sizes the report reads from a checkpoint's weights rebuild the same network."""
-    from jointssl_monai.apps.report import rebuild_network
+    from jointssl_monai.apps.report_run import rebuild_network
     from jointssl_monai.networks import JointSSLNet
 
     torch.manual_seed(0)
