@@ -168,7 +168,9 @@ class ImageViewsd(_ViewsBase):
         num_local: number of extra small crops (multi-crop); 0 disables them.
         local_size: size of the local crops.
         local_scale: area fraction range of the local crops.
-        flip_prob, jitter_prob, blur_prob: probabilities of flip, intensity jitter and blur per view.
+        flip_prob: probability of a flip per view.
+        jitter_prob: probability of the intensity jitter (scale, shift) per view.
+        blur_prob: probability of a blur per view.
     """
 
     def __init__(
