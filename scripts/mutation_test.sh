@@ -9,7 +9,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 .venv/bin/python -m pip install --disable-pip-version-check -q "mutmut>=3.3"
 rm -rf mutants
-.venv/bin/mutmut run || true
+# One OpenMP thread: mutmut forks each test run from a process that has imported torch, and a child forked
+# after OpenMP started its threads can hang until mutmut calls it a time-out.
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/mutmut run --max-children "$(nproc)" || true
 .venv/bin/mutmut results --all true > mutants/results.txt || true
 python3 - <<'PY'
 import collections, re
