@@ -16,7 +16,7 @@ import sys
 import fire
 
 from jointssl_monai import __version__
-from jointssl_monai.utils.errors import DEBUG_ENV, error_summary
+from jointssl_monai.utils.errors import DEBUG_ENV, env_flag, error_summary
 
 
 class JointSSLCommands:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     from jointssl_monai.apps.bundle_commands import BundleRunError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    debug = "--debug" in argv or env_flag(DEBUG_ENV)
     argv = [arg for arg in argv if arg != "--debug"]
     outer = os.environ.get(DEBUG_ENV)
     if debug:

@@ -59,13 +59,14 @@ def build_datalist_command(
         fields=fields,
         skip_label_maps=skip_label_maps,
     )
-    undecodable: list[dict[str, Any]] = []
+    undecodable = 0
     if verify and entries:
         report = verify_entries(entries, num_workers=workers, max_voxels=max_voxels)
-        entries = report.usable(skip_bad_inputs=not strict, source=" ".join(dirs))
-        undecodable = report.as_dict()["bad"]
-        for item in undecodable:
-            summary.skipped.add(item["image"], f"does not decode: {item['reason']}")
+        if strict:
+            report.usable(skip_bad_inputs=False, source=" ".join(dirs))  # refuses, naming every bad entry
+        for _, image, reason in report.bad:  # logged once each, as every other skip
+            summary.skipped.add(image, f"does not decode: {reason}")
+        entries, undecodable = report.good, len(report.bad)
     if not entries:
         raise BadInputError(list(dirs) if len(dirs) > 1 else dirs[0], "no usable image found")
     if base_dir is not None:
@@ -79,7 +80,7 @@ def build_datalist_command(
     }  # fmt: skip
     report_file = report_path(path)
     report_file.write_text(json.dumps(details, indent=2) + "\n")
-    decoded = f", {len(undecodable)} more left out by the decoding check" if undecodable else ""
+    decoded = f", {undecodable} more left out by the decoding check" if undecodable else ""
     text = f"{summary}\nwrote {len(entries)} entries to {path}{decoded} (report: {report_file})"
     print(text)
     return text

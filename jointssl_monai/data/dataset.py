@@ -40,7 +40,7 @@ from jointssl_monai.data.transforms import (
     SliceSequenced,
 )
 from jointssl_monai.data.views import VOLUME_VIEW_TRANSFORMS, ImageViewsd, VolumeViewsd
-from jointssl_monai.utils.arguments import check_bool, check_choice, check_int
+from jointssl_monai.utils.arguments import check_bool, check_choice, check_int, check_size
 
 __all__ = [
     "GuardedTransform",
@@ -375,10 +375,7 @@ def build_pretrain_dataset(
             and direction.
     """
     check_int("num_slices", num_slices, 1)
-    if not isinstance(spatial_size, Sequence) or len(spatial_size) != 2:
-        raise ValueError(f"spatial_size must be a list of 2 integers >= 1 (H, W), got {spatial_size!r}")
-    for size in spatial_size:
-        check_int("spatial_size", size, 1)
+    check_size("spatial_size", spatial_size)
     deterministic, random = pretrain_transform_lists(num_slices, spatial_size, **transform_kwargs)
     return pretrain_dataset(
         datalist,

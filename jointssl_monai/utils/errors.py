@@ -30,6 +30,7 @@ __all__ = [
     "DEBUG_ENV",
     "ERROR_FILE_ENV",
     "USER_ERROR_TYPES",
+    "env_flag",
     "error_summary",
     "install_error_summary",
     "user_error_message",
@@ -84,7 +85,7 @@ def user_error_message(err: BaseException) -> str | None:
             last = [line for line in text.strip().splitlines() if line.strip()][-1]
             return re.sub(r"^[\w.]+: ", "", last, count=1)
         if isinstance(item, USER_ERROR_TYPES) and not worker:
-            return text if not isinstance(item, KeyError) else repr(item)
+            return text
     return None
 
 
@@ -100,7 +101,8 @@ def error_summary(err: BaseException) -> tuple[int, str]:
     )
 
 
-def _flag(name: str) -> bool:
+def env_flag(name: str) -> bool:
+    """Whether the environment variable ``name`` is set to something other than empty, 0, false or no."""
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
@@ -137,7 +139,7 @@ def install_error_summary() -> None:
     if getattr(sys.excepthook, "_jointssl_summary", False):
         return
     previous = sys.excepthook
-    brief = _flag(BRIEF_ENV) and not _flag(DEBUG_ENV)
+    brief = env_flag(BRIEF_ENV) and not env_flag(DEBUG_ENV)
     if brief and not isinstance(logging.getLogRecordFactory(), _BriefRecords):
         logging.setLogRecordFactory(_BriefRecords(logging.getLogRecordFactory()))
 

@@ -62,7 +62,7 @@ def short_detached_data(folder: Path, samples: dict[str, Path]) -> dict:
 
 
 def short_nrrd(folder: Path, samples: dict[str, Path]) -> dict:
-    """A real MHA (3 slices) rewritten as a raw NRRD with its data cut short."""
+    """The first 8 slices of a real volume as a raw NRRD whose data stop at a third of the declared size."""
     volume = np.asarray(nib.load(samples["itk_t1"]).dataobj, dtype=np.uint8)[:, :, :8]
     header = (
         f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: {' '.join(map(str, volume.shape))}\nencoding: raw\n\n"

@@ -87,7 +87,8 @@ def test_the_pretraining_preflight_refuses_or_skips(corpus):
 
 def test_a_file_too_large_for_the_memory_cap_is_named(corpus):
     _, good, _ = corpus
-    report = verify_entries(good[:1], num_workers=1, memory_limit_gb=0.002)  # 2 MB for a 7 MB decoded volume
+    # 2 MB for 1,015,808 voxels, 4 MB in float32
+    report = verify_entries(good[:1], num_workers=1, memory_limit_gb=0.002)
     # numpy raises MemoryError, or a native library (OpenBLAS) aborts the process: either way it is named
     [(_, _, reason)] = report.bad
     assert "memory_limit_gb" in reason, reason
