@@ -100,8 +100,9 @@ def evaluate_task(
         for count in counts:
             for seed in seeds:
                 for init, path in (("ssl", encoders["ssl"]), ("random", None)):
-                    score, steps = finetune_dice(task, backbone, path, count, seed, size)
-                    add(f"fine-tune, {count} slices", init, seed, score, steps=steps)
+                    result = finetune_dice(task, backbone, path, count, seed, size)
+                    score = result.pop("score")
+                    add(f"fine-tune, {count} slices", init, seed, score, **result)
     return rows
 
 
@@ -141,6 +142,11 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/ssl_value")
     parser.add_argument("--output", default="bench_results/ssl_value.json")
     parser.add_argument("--no_finetune", action="store_true", help="probes and retrieval only")
+    parser.add_argument(
+        "--reuse_pretraining",
+        action="store_true",
+        help="evaluate the encoders an earlier run of this command left in --workdir instead of pretraining",
+    )
     args = parser.parse_args()
 
     workdir = Path(args.workdir).absolute()
@@ -158,25 +164,29 @@ def main() -> None:
 
     runs, encoders = {}, {}
     for objective in args.objectives.split(","):
-        print(f"pretraining '{objective}' for {args.budget_minutes} minutes ...", flush=True)
-        run = pretrain_encoder(
-            workdir / objective, datalist, args.budget_minutes * 60, {**settings, **OBJECTIVES[objective]}
-        )
-        last = run.pop("history")[-1]
-        run["last_epoch"] = last
-        run["sha256"] = _sha256(run["encoder"])
+        record = workdir / objective / "value_run.json"
+        if args.reuse_pretraining and record.exists():
+            run = json.loads(record.read_text())
+            print(f"reusing the '{objective}' encoder of {record}", flush=True)
+        else:
+            print(f"pretraining '{objective}' for {args.budget_minutes} minutes ...", flush=True)
+            run = pretrain_encoder(
+                workdir / objective, datalist, args.budget_minutes * 60, {**settings, **OBJECTIVES[objective]}
+            )
+            run["last_epoch"] = run.pop("history")[-1]
+            run["sha256"] = _sha256(run["encoder"])
+            record.write_text(json.dumps(run, indent=2))
+        if _sha256(run["encoder"]) != run["sha256"]:
+            raise SystemExit(f"{run['encoder']} changed since {record} was written; pretrain again")
         runs[objective] = run
         encoders["ssl" if objective == "joint" else f"ssl {objective}"] = run["encoder"]
-        print(f"  {run['epochs']} epochs in {run['seconds'] / 60:.1f} min; last epoch {last}", flush=True)
+        print(
+            f"  {run['epochs']} epochs, {run['seconds'] / 60:.1f} min; last epoch {run['last_epoch']}",
+            flush=True,
+        )
 
-    backbone = settings["backbone"]
-    brain, lobes = brain_extraction_task(workdir), lobes_task()
-    rows = evaluate_task(
-        brain, encoders, backbone, seeds, counts, args.size, "ssl" in encoders and not args.no_finetune
-    )
-    rows += evaluate_task(lobes, encoders, backbone, seeds, counts, args.size, finetune=False)
-    rows += retrieval_rows(brain, encoders, backbone, seeds, args.size)
-
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "metric": "3D Dice over the held-out volume (retrieval: 1 - mean position error)",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -185,12 +195,21 @@ def main() -> None:
         "settings": settings,
         "data": data_info,
         "pretraining": runs,
-        "minutes": (time.perf_counter() - started) / 60,
-        "rows": rows,
+        "rows": [],
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
+
+    def save(rows: list[dict]) -> None:  # after every task: a stopped run keeps what it measured
+        result["rows"] += rows
+        result["minutes"] = (time.perf_counter() - started) / 60
+        output.write_text(json.dumps(result, indent=2))
+
+    backbone = settings["backbone"]
+    finetune = "ssl" in encoders and not args.no_finetune
+    brain = brain_extraction_task(workdir)
+    save(evaluate_task(brain, encoders, backbone, seeds, counts, args.size, finetune))
+    save(retrieval_rows(brain, encoders, backbone, seeds, args.size))
+    save(evaluate_task(lobes_task(), encoders, backbone, seeds, counts, args.size, finetune))
+    rows = result["rows"]
     table = markdown_table(rows)
     output.with_suffix(".md").write_text(table + "\n")
     print(table)

@@ -41,6 +41,7 @@ from jointssl_monai.transfer.loading import EncoderLoadReport, load_pretrained_e
 
 __all__ = [
     "MMWHS_LABELS",
+    "LossPlateau",
     "Volume",
     "dice_3d",
     "find_cases",
@@ -177,6 +178,41 @@ def volume_slices(volume: Volume, axis: int) -> tuple[torch.Tensor, torch.Tensor
     return image, label
 
 
+class LossPlateau:
+    """Convergence of a training loss: the mean loss of each window of ``window`` steps is compared with the
+    best earlier window's; training has converged once ``patience`` windows in a row improved on it by less
+    than ``min_delta``.
+
+    The improvement is absolute, not relative: with a few labelled slices the training loss of a segmentation
+    network falls towards zero geometrically (0.15, 0.04, 0.01, 0.003, ...), so every window improves on the
+    last by the same large fraction and a relative rule never fires, while the Dice of the network no longer
+    changes.
+
+    Args:
+        window: steps per window (>= 1).
+        min_delta: improvement (in loss units) below which a window counts as stalled (>= 0).
+        patience: stalled windows in a row that end training (>= 1).
+    """
+
+    def __init__(self, window: int, min_delta: float, patience: int = 2) -> None:
+        if window < 1 or patience < 1 or min_delta < 0:
+            raise ValueError(f"LossPlateau needs window >= 1, patience >= 1 and min_delta >= 0, got "
+                             f"window={window}, patience={patience}, min_delta={min_delta}")  # fmt: skip
+        self.window, self.min_delta, self.patience = window, min_delta, patience
+        self.best, self.stalled, self.windows_seen = float("inf"), 0, 0
+
+    def converged(self, losses: Sequence[float]) -> bool:
+        """Call before every step with the losses so far; ``True`` once training has converged."""
+        complete = len(losses) // self.window
+        while self.windows_seen < complete:
+            start = self.windows_seen * self.window
+            mean = float(np.mean(losses[start : start + self.window]))
+            self.stalled = self.stalled + 1 if mean > self.best - self.min_delta else 0
+            self.best = min(self.best, mean)
+            self.windows_seen += 1
+        return self.stalled >= self.patience
+
+
 def finetune_slicewise(
     train: Sequence[Volume],
     *,
@@ -191,14 +227,14 @@ def finetune_slicewise(
     seed: int = 0,
     device: str | torch.device = "cpu",
     converge_window: int | None = None,
-    min_improvement: float = 0.02,
+    min_delta: float = 0.01,
     loss_history: list[float] | None = None,
 ) -> tuple[FlexibleUNet, EncoderLoadReport | None]:
     """Train a 2D ``FlexibleUNet`` on random slices of ``train`` (half of them containing foreground).
 
-    With ``converge_window``, training stops before ``steps`` once converged: when the mean training loss of
-    the last ``converge_window`` steps is less than ``min_improvement`` (relative) below the best earlier
-    window's, twice in a row.
+    With ``converge_window``, training stops before ``steps`` once converged (:class:`LossPlateau`): when the
+    mean training loss of two windows of ``converge_window`` steps in a row is less than ``min_delta`` below
+    the best earlier window's.
 
     Args:
         train: training volumes.
@@ -210,7 +246,8 @@ def finetune_slicewise(
         seed: seeds the network initialisation and the slice sampling.
         device: where to train.
         converge_window: steps per window of the convergence test (``None``: always ``steps`` steps).
-        min_improvement: relative loss improvement per window below which a window counts as converged.
+        min_delta: loss improvement per window (absolute, in loss units) below which a window counts as
+            converged.
         loss_history: if given, every step's training loss is appended to it.
 
     Returns:
@@ -230,14 +267,10 @@ def finetune_slicewise(
         fg = (labels.flatten(1) > 0).any(1)
         pools.append((images, labels, torch.nonzero(fg).flatten(), torch.arange(len(labels))))
     losses: list[float] = []
-    best_window, stalled = float("inf"), 0
-    for step in range(steps):
-        if converge_window and step and step % converge_window == 0:
-            window = float(np.mean(losses[-converge_window:]))
-            stalled = stalled + 1 if window > best_window * (1 - min_improvement) else 0
-            best_window = min(best_window, window)
-            if stalled >= 2:
-                break
+    plateau = LossPlateau(converge_window, min_delta) if converge_window else None
+    for _ in range(steps):
+        if plateau is not None and plateau.converged(losses):
+            break
         xs, ys = [], []
         for _ in range(batch_size):
             images, labels, fg, every = pools[int(torch.randint(len(pools), (1,), generator=generator))]

@@ -441,15 +441,26 @@ def pixel_embedding(images: torch.Tensor) -> torch.Tensor:
 
 def finetune_dice(
     task: SliceTask, backbone: str, encoder: str | Path | None, count: int, seed: int, size: int,
-    max_steps: int = 600,
-) -> tuple[float, int]:  # fmt: skip
-    """3D Dice of a 2D ``FlexibleUNet`` fine-tuned to convergence on ``count`` labelled slices; and its
-    step count."""
+    max_steps: int = 3000, window: int = 100, min_delta: float = 0.01,
+) -> dict[str, float]:  # fmt: skip
+    """A 2D ``FlexibleUNet`` fine-tuned to convergence (:class:`~jointssl_monai.apps.slicewise.LossPlateau`:
+    two windows of ``window`` steps in a row improving the training loss by less than ``min_delta``) on
+    ``count`` labelled slices, scored by 3D Dice on the task's test volumes.
+
+    Returns:
+        ``score`` (mean 3D Dice), ``steps`` run, ``final_loss`` (mean training loss of the last window) and
+        ``converged`` (1.0 if the rule stopped training before ``max_steps``, else 0.0).
+    """
     losses: list[float] = []
     net, _ = finetune_slicewise(
         [task.labelled(count, seed)], num_classes=task.num_classes, backbone=backbone, encoder=encoder,
-        steps=max_steps, batch_size=8, image_size=size, seed=seed, converge_window=100, min_improvement=0.05,
-        loss_history=losses,
+        steps=max_steps, batch_size=8, image_size=size, seed=seed, converge_window=window,
+        min_delta=min_delta, loss_history=losses,
     )  # fmt: skip
     scores = [dice_3d(predict_volume(net, v, image_size=size), v.label, task.num_classes) for v in task.test]
-    return float(np.mean(scores)), len(losses)
+    return {
+        "score": float(np.mean(scores)),
+        "steps": len(losses),
+        "final_loss": float(np.mean(losses[-window:])),
+        "converged": float(len(losses) < max_steps),
+    }

@@ -16,6 +16,7 @@ from jointssl_monai.apps.ssl_value import (
     brain_extraction_task,
     epoch_seconds,
     epochs_within_budget,
+    finetune_dice,
     intensity_rule,
     linear_probe,
     pixel_embedding,
@@ -81,6 +82,17 @@ def test_the_probe_learns_from_the_features_and_scores_the_held_out_volume(brain
     blind = linear_probe(ProbeFeatures(brain, LabelEncoder(torch.zeros_like(oracle)), size), count=2, seed=0)
     assert perfect == pytest.approx(1.0, abs=1e-6)
     assert blind < 0.6
+
+
+def test_finetuning_reports_whether_the_plateau_rule_or_the_step_cap_ended_it(brain):
+    """The fine-tuning row says how training ended: stopped by the plateau rule (an improvement no window can
+    reach stops it after the third window) or by the step cap, with the mean loss of its last window."""
+    plateau = finetune_dice(brain, "resnet10", None, count=1, seed=0, size=32, max_steps=40, window=3,
+                            min_delta=10.0)  # fmt: skip
+    capped = finetune_dice(brain, "resnet10", None, count=1, seed=0, size=32, max_steps=4, window=3)
+    assert (plateau["steps"], plateau["converged"]) == (9, 1.0)
+    assert (capped["steps"], capped["converged"]) == (4, 0.0)
+    assert 0.0 <= plateau["score"] <= 1.0 and plateau["final_loss"] > 0
 
 
 def test_the_intensity_rule_is_a_real_baseline_on_brain_extraction(brain):

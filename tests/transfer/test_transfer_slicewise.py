@@ -143,10 +143,54 @@ def test_finetuning_stops_once_the_training_loss_stops_falling(real_crop):
     fixed: list[float] = []
     finetune_slicewise([volume], steps=30, loss_history=fixed, **kwargs)
     assert len(fixed) == 30
-    # an improvement threshold no window can reach: stops after the third window, never before
+    # an improvement no window can reach: stops after the third window, never before
     stopped: list[float] = []
-    finetune_slicewise(
-        [volume], steps=30, converge_window=5, min_improvement=1.0, loss_history=stopped, **kwargs
-    )
+    finetune_slicewise([volume], steps=30, converge_window=5, min_delta=10.0, loss_history=stopped, **kwargs)
     assert len(stopped) == 15
     assert stopped == fixed[:15]  # the same seeded run, cut short
+
+
+def _steps_until_converged(window_means: list[float], window: int, min_delta: float, patience: int = 2):
+    """Feed a loss that is constant within each window to a ``LossPlateau``; the step at which it stops."""
+    from jointssl_monai.apps.slicewise import LossPlateau
+
+    plateau, losses = LossPlateau(window, min_delta, patience), []
+    for mean in window_means:
+        for _ in range(window):
+            if plateau.converged(losses):
+                return len(losses)
+            losses.append(mean)
+    return len(losses) if plateau.converged(losses) else None
+
+
+def test_loss_plateau_fires_on_a_geometrically_vanishing_loss():
+    """A loss that falls by the same fraction each window (what few labelled slices give) has converged once
+    two windows in a row gain less than ``min_delta``: here the 4th (0.0375 -> 0.0094 -> 0.0023, a gain of
+    0.007) and the 5th (0.0018); a relative rule would never stop it."""
+    means = [0.15 * 0.25**k for k in range(8)]
+    assert _steps_until_converged(means, window=10, min_delta=0.01) == 50
+    assert _steps_until_converged(means, window=10, min_delta=0.01, patience=1) == 40
+    assert (
+        _steps_until_converged(means, window=10, min_delta=0.001) == 70
+    )  # gains 0.0018, then 0.0004, 0.0001
+
+
+def test_loss_plateau_waits_while_the_loss_still_falls_and_restarts_its_count_after_a_gain():
+    """A loss falling by 0.02 a window never converges at ``min_delta`` 0.01; one stalled window followed by a
+    real gain starts the count again."""
+    assert _steps_until_converged([1.0 - 0.02 * k for k in range(20)], window=5, min_delta=0.01) is None
+    # windows: 1.0, 0.995 (stalled), 0.9 (gain: count back to 0), 0.899 (stalled), 0.898 (stalled: stop)
+    assert _steps_until_converged([1.0, 0.995, 0.9, 0.899, 0.898, 0.5], window=5, min_delta=0.01) == 25
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [({"window": 0}, "window"), ({"patience": 0}, "patience"), ({"min_delta": -0.1}, "min_delta")],
+)
+def test_loss_plateau_refuses_settings_that_cannot_work(kwargs, name):
+    from jointssl_monai.apps.slicewise import LossPlateau
+
+    settings = {"window": 1, "min_delta": 0.0, "patience": 1, **kwargs}
+    with pytest.raises(ValueError, match=f"{name}={settings[name]}"):
+        LossPlateau(**settings)
+    LossPlateau(window=1, min_delta=0.0, patience=1)  # the smallest allowed values build
