@@ -35,6 +35,7 @@ from jointssl_monai.apps.ssl_value import (
     ProbeFeatures,
     SliceTask,
     brain_extraction_task,
+    evaluation_device,
     finetune_dice,
     frozen_encoder,
     intensity_rule,
@@ -47,6 +48,9 @@ from jointssl_monai.apps.ssl_value import (
     value_datalist,
 )
 from jointssl_monai.apps.value_report import markdown_table, paired_gain
+
+#: The probes' encoders and the fine-tuning run here (pretraining picks its device in the bundle).
+DEVICE = evaluation_device()
 
 
 def _sha256(path: str | Path) -> str:
@@ -80,13 +84,13 @@ def evaluate_task(
         print(f"  {task.name} | {setting} | {init} | seed {seed}: {score:.4f}", flush=True)
 
     for init, path in encoders.items():
-        features = ProbeFeatures(task, frozen_encoder(backbone, path, 0), size)
+        features = ProbeFeatures(task, frozen_encoder(backbone, path, 0, DEVICE), size)
         for count in counts:
             for seed in seeds:
                 add(f"probe, {count} slices", init, seed, linear_probe(features, count, seed))
         del features
     for seed in seeds:  # a frozen random encoder per seed: the probe's control
-        features = ProbeFeatures(task, frozen_encoder(backbone, None, 1000 + seed), size)
+        features = ProbeFeatures(task, frozen_encoder(backbone, None, 1000 + seed, DEVICE), size)
         for count in counts:
             add(f"probe, {count} slices", "random", seed, linear_probe(features, count, seed))
         del features
@@ -100,7 +104,7 @@ def evaluate_task(
         for count in counts:
             for seed in seeds:
                 for init, path in (("ssl", encoders["ssl"]), ("random", None)):
-                    result = finetune_dice(task, backbone, path, count, seed, size)
+                    result = finetune_dice(task, backbone, path, count, seed, size, device=DEVICE)
                     score = result.pop("score")
                     add(f"fine-tune, {count} slices", init, seed, score, **result)
     return rows
@@ -113,10 +117,10 @@ def retrieval_rows(task: SliceTask, encoders: dict[str, str], backbone: str, see
     for seed in seeds:
         scores = {}
         for init, path in encoders.items():
-            embed = pooled_embedding(frozen_encoder(backbone, path, 0))
+            embed = pooled_embedding(frozen_encoder(backbone, path, 0, DEVICE))
             scores[init] = position_retrieval(task.train, query, embed, size)
         scores["random"] = position_retrieval(
-            task.train, query, pooled_embedding(frozen_encoder(backbone, None, 1000 + seed)), size
+            task.train, query, pooled_embedding(frozen_encoder(backbone, None, 1000 + seed, DEVICE)), size
         )
         scores["pixels"] = position_retrieval(task.train, query, pixel_embedding, size)
         for init, score in scores.items():

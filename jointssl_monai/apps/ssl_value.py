@@ -56,6 +56,9 @@ __all__ = [
     "calibrated_epochs",
     "epoch_seconds",
     "epochs_within_budget",
+    "evaluation_device",
+    "finetune_dice",
+    "frozen_encoder",
     "intensity_rule",
     "linear_probe",
     "lobes_task",
@@ -323,24 +326,37 @@ def _axial(volume: Volume, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     ].long()
 
 
-def frozen_encoder(backbone: str, encoder: str | Path | None, seed: int) -> torch.nn.Module:
+def evaluation_device() -> torch.device:
+    """Where the benchmark's networks run: the first CUDA GPU when there is one, else the CPU."""
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def frozen_encoder(
+    backbone: str, encoder: str | Path | None, seed: int, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
     """The 2D ``FlexibleUNet`` encoder (MONAI ``ResNetFeatures``) with the SSL weights or a seeded random
-    initialisation, frozen in eval mode."""
+    initialisation (drawn on the CPU, so the same seed gives the same weights on every device), frozen in eval
+    mode on ``device``."""
     torch.manual_seed(seed)
     net = FlexibleUNet(1, 2, backbone=backbone, spatial_dims=2, pretrained=False)
     if encoder is not None:
         load_pretrained_encoder(net, encoder)
-    return net.encoder.eval().requires_grad_(False)
+    return net.encoder.eval().requires_grad_(False).to(device)
 
 
 @torch.no_grad()
 def hypercolumns(encoder: torch.nn.Module, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    """Every stage's features upsampled to the slice size and stacked: ``(N, C_total, H, W)``."""
+    """Every stage's features upsampled to the slice size and stacked: ``(N, C_total, H, W)``, on the CPU."""
     out = []
     for start in range(0, len(images), batch):
-        x = images[start : start + batch]
+        x = images[start : start + batch].to(_device_of(encoder))
         maps = [m for m in encoder(x) if m.ndim == 4 and m.shape[1] > 0]
-        out.append(torch.cat([F.interpolate(m, size=x.shape[-2:], mode="bilinear") for m in maps], dim=1))
+        stacked = torch.cat([F.interpolate(m, size=x.shape[-2:], mode="bilinear") for m in maps], dim=1)
+        out.append(stacked.float().cpu())
     return torch.cat(out)
 
 
@@ -430,7 +446,7 @@ def position_retrieval(
 
 def pooled_embedding(encoder: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """Slice embedding for retrieval: the deepest feature map, averaged over space."""
-    return lambda images: encoder(images)[-1].mean((2, 3))
+    return lambda images: encoder(images.to(_device_of(encoder)))[-1].mean((2, 3)).float().cpu()
 
 
 def pixel_embedding(images: torch.Tensor) -> torch.Tensor:
@@ -441,7 +457,7 @@ def pixel_embedding(images: torch.Tensor) -> torch.Tensor:
 
 def finetune_dice(
     task: SliceTask, backbone: str, encoder: str | Path | None, count: int, seed: int, size: int,
-    max_steps: int = 3000, window: int = 100, min_delta: float = 0.01,
+    max_steps: int = 3000, window: int = 100, min_delta: float = 0.01, device: str | torch.device = "cpu",
 ) -> dict[str, float]:  # fmt: skip
     """A 2D ``FlexibleUNet`` fine-tuned to convergence (:class:`~jointssl_monai.apps.slicewise.LossPlateau`:
     two windows of ``window`` steps in a row improving the training loss by less than ``min_delta``) on
@@ -455,7 +471,7 @@ def finetune_dice(
     net, _ = finetune_slicewise(
         [task.labelled(count, seed)], num_classes=task.num_classes, backbone=backbone, encoder=encoder,
         steps=max_steps, batch_size=8, image_size=size, seed=seed, converge_window=window,
-        min_delta=min_delta, loss_history=losses,
+        min_delta=min_delta, loss_history=losses, device=device,
     )  # fmt: skip
     scores = [dice_3d(predict_volume(net, v, image_size=size), v.label, task.num_classes) for v in task.test]
     return {
