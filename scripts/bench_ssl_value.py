@@ -24,6 +24,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import monai
@@ -69,50 +70,60 @@ def _machine() -> dict:
     }
 
 
-def evaluate_task(
+Record = Callable[..., None]  # record(task=, setting=, init=, seed=, score=, **extra): one row
+
+
+def probe_rows(
     task: SliceTask, encoders: dict[str, str], backbone: str, seeds: list[int], counts: list[int], size: int,
-    finetune: bool,
-) -> list[dict]:  # fmt: skip
-    """Every row of one task: probes of every encoder and of random encoders, the intensity rule, and (with
-    ``finetune``) fine-tuning of the joint encoder and of random initialisation."""
-    rows = []
-
-    def add(setting: str, init: str, seed: int, score: float, **extra) -> None:
-        rows.append(
-            {"task": task.name, "setting": setting, "init": init, "seed": seed, "score": score, **extra}
-        )
-        print(f"  {task.name} | {setting} | {init} | seed {seed}: {score:.4f}", flush=True)
-
+    record: Record,
+) -> None:  # fmt: skip
+    """Linear probes of every encoder and of frozen random encoders, and the intensity rule, on one task."""
     for init, path in encoders.items():
         features = ProbeFeatures(task, frozen_encoder(backbone, path, 0, DEVICE), size)
         for count in counts:
             for seed in seeds:
-                add(f"probe, {count} slices", init, seed, linear_probe(features, count, seed))
+                record(task.name, f"probe, {count} slices", init, seed, linear_probe(features, count, seed))
         del features
     for seed in seeds:  # a frozen random encoder per seed: the probe's control
         features = ProbeFeatures(task, frozen_encoder(backbone, None, 1000 + seed, DEVICE), size)
         for count in counts:
-            add(f"probe, {count} slices", "random", seed, linear_probe(features, count, seed))
+            record(task.name, f"probe, {count} slices", "random", seed, linear_probe(features, count, seed))
         del features
     for count in counts:
         for seed in seeds:
-            score = intensity_rule(task, count, seed, size)
-            add(f"probe, {count} slices", "intensity", seed, score)
-            if finetune:
-                add(f"fine-tune, {count} slices", "intensity", seed, score)
-    if finetune:
-        for count in counts:
-            for seed in seeds:
-                for init, path in (("ssl", encoders["ssl"]), ("random", None)):
-                    result = finetune_dice(task, backbone, path, count, seed, size, device=DEVICE)
-                    score = result.pop("score")
-                    add(f"fine-tune, {count} slices", init, seed, score, **result)
-    return rows
+            record(
+                task.name,
+                f"probe, {count} slices",
+                "intensity",
+                seed,
+                intensity_rule(task, count, seed, size),
+            )
 
 
-def retrieval_rows(task: SliceTask, encoders: dict[str, str], backbone: str, seeds: list[int], size: int):
+def finetune_rows(
+    task: SliceTask,
+    encoder: str,
+    backbone: str,
+    seeds: list[int],
+    counts: list[int],
+    size: int,
+    record: Record,
+) -> None:
+    """Fine-tuning to convergence from the joint encoder and from random initialisation, paired by seed, with
+    the intensity rule beside them."""
+    for count in counts:
+        for seed in seeds:
+            setting = f"fine-tune, {count} slices"
+            record(task.name, setting, "intensity", seed, intensity_rule(task, count, seed, size))
+            for init, path in (("ssl", encoder), ("random", None)):
+                result = finetune_dice(task, backbone, path, count, seed, size, device=DEVICE)
+                record(task.name, setting, init, seed, result.pop("score"), **result)
+
+
+def retrieval_rows(
+    task: SliceTask, encoders: dict[str, str], backbone: str, seeds: list[int], size: int, record: Record
+) -> None:
     """Slice retrieval by brain position, Colin27 as the reference, the held-out subject as the query."""
-    rows = []
     query = task.test[0]
     for seed in seeds:
         scores = {}
@@ -124,10 +135,7 @@ def retrieval_rows(task: SliceTask, encoders: dict[str, str], backbone: str, see
         )
         scores["pixels"] = position_retrieval(task.train, query, pixel_embedding, size)
         for init, score in scores.items():
-            rows.append({"task": "slice position retrieval (ITK subject)", "setting": "1-NN, frozen",
-                         "init": init, "seed": seed, "score": score})  # fmt: skip
-            print(f"  retrieval | {init} | seed {seed}: {score:.4f}", flush=True)
-    return rows
+            record("slice position retrieval (ITK subject)", "1-NN, frozen", init, seed, score)
 
 
 def main() -> None:
@@ -168,10 +176,10 @@ def main() -> None:
 
     runs, encoders = {}, {}
     for objective in args.objectives.split(","):
-        record = workdir / objective / "value_run.json"
-        if args.reuse_pretraining and record.exists():
-            run = json.loads(record.read_text())
-            print(f"reusing the '{objective}' encoder of {record}", flush=True)
+        run_file = workdir / objective / "value_run.json"
+        if args.reuse_pretraining and run_file.exists():
+            run = json.loads(run_file.read_text())
+            print(f"reusing the '{objective}' encoder of {run_file}", flush=True)
         else:
             print(f"pretraining '{objective}' for {args.budget_minutes} minutes ...", flush=True)
             run = pretrain_encoder(
@@ -179,9 +187,9 @@ def main() -> None:
             )
             run["last_epoch"] = run.pop("history")[-1]
             run["sha256"] = _sha256(run["encoder"])
-            record.write_text(json.dumps(run, indent=2))
+            run_file.write_text(json.dumps(run, indent=2))
         if _sha256(run["encoder"]) != run["sha256"]:
-            raise SystemExit(f"{run['encoder']} changed since {record} was written; pretrain again")
+            raise SystemExit(f"{run['encoder']} changed since {run_file} was written; pretrain again")
         runs[objective] = run
         encoders["ssl" if objective == "joint" else f"ssl {objective}"] = run["encoder"]
         print(
@@ -202,17 +210,24 @@ def main() -> None:
         "rows": [],
     }
 
-    def save(rows: list[dict]) -> None:  # after every task: a stopped run keeps what it measured
-        result["rows"] += rows
+    def record(task: str, setting: str, init: str, seed: int, score: float, **extra) -> None:
+        # saved after every row: a run stopped early keeps everything it measured
+        result["rows"].append(
+            {"task": task, "setting": setting, "init": init, "seed": seed, "score": score, **extra}
+        )
         result["minutes"] = (time.perf_counter() - started) / 60
         output.write_text(json.dumps(result, indent=2))
+        print(f"  {task} | {setting} | {init} | seed {seed}: {score:.4f}", flush=True)
 
     backbone = settings["backbone"]
-    finetune = "ssl" in encoders and not args.no_finetune
-    brain = brain_extraction_task(workdir)
-    save(evaluate_task(brain, encoders, backbone, seeds, counts, args.size, finetune))
-    save(retrieval_rows(brain, encoders, backbone, seeds, args.size))
-    save(evaluate_task(lobes_task(), encoders, backbone, seeds, counts, args.size, finetune))
+    brain, lobes = brain_extraction_task(workdir), lobes_task()
+    # the cheap frozen-feature rows of every task first, then fine-tuning (the long part)
+    for task in (brain, lobes):
+        probe_rows(task, encoders, backbone, seeds, counts, args.size, record)
+    retrieval_rows(brain, encoders, backbone, seeds, args.size, record)
+    if "ssl" in encoders and not args.no_finetune:
+        for task in (brain, lobes):
+            finetune_rows(task, encoders["ssl"], backbone, seeds, counts, args.size, record)
     rows = result["rows"]
     table = markdown_table(rows)
     output.with_suffix(".md").write_text(table + "\n")
