@@ -48,7 +48,7 @@ from jointssl_monai.apps.ssl_value import (
     pretrain_encoder,
     value_datalist,
 )
-from jointssl_monai.apps.value_report import markdown_table, paired_gain
+from jointssl_monai.apps.value_report import ablation_table, markdown_table, training_table
 
 #: The probes' encoders and the fine-tuning run here (pretraining picks its device in the bundle).
 DEVICE = evaluation_device()
@@ -70,7 +70,7 @@ def _machine() -> dict:
     }
 
 
-Record = Callable[..., None]  # record(task=, setting=, init=, seed=, score=, **extra): one row
+Record = Callable[..., None]  # record(task, setting, init, seed, score, **extra): one row of the results
 
 
 def probe_rows(
@@ -229,15 +229,15 @@ def main() -> None:
         for task in (brain, lobes):
             finetune_rows(task, encoders["ssl"], backbone, seeds, counts, args.size, record)
     rows = result["rows"]
-    table = markdown_table(rows)
-    output.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    for init in [i for i in encoders if i != "ssl"]:
-        print(f"ablation: {init} - random")
-        for key in sorted({(r["task"], r["setting"]) for r in rows}):
-            gain = paired_gain([r for r in rows if (r["task"], r["setting"]) == key], treatment=init)
-            if gain:
-                print(f"  {key[0]} | {key[1]}: {gain['gain']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}]")
+    tables = [
+        markdown_table(rows),
+        "The paper's ablation, paired gain over random initialisation with its 95 % interval:",
+        ablation_table(rows, list(encoders)),
+        "How the fine-tuning runs ended:",
+        training_table(rows),
+    ]
+    output.with_suffix(".md").write_text("\n\n".join(tables) + "\n")
+    print("\n\n".join(tables))
     print(f"wrote {output}")
 
 

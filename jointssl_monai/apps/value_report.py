@@ -20,7 +20,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VALUE_FILE", "draw_value", "load_value_results", "markdown_table", "paired_gain", "value_table"]
+__all__ = [
+    "VALUE_FILE",
+    "ablation_table",
+    "draw_value",
+    "load_value_results",
+    "markdown_table",
+    "paired_gain",
+    "training_table",
+    "value_table",
+]
 
 #: Where the value benchmark writes its results, relative to a run folder.
 VALUE_FILE = Path("bench_results") / "ssl_value.json"
@@ -104,10 +113,50 @@ def value_table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """:func:`value_table` as a Markdown table (for the README)."""
-    header, table = value_table(rows)
+    return _markdown(*value_table(rows))
+
+
+def _markdown(header: Sequence[str], table: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in table]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in table])
+
+
+def ablation_table(rows: Sequence[Mapping[str, Any]], treatments: Sequence[str]) -> str:
+    """The paired gain over random initialisation of each ``treatment`` (e.g. ``ssl``, ``ssl intra``), per
+    ``(task, setting)``, as a Markdown table; ``-`` where a treatment has fewer than two paired seeds."""
+    table = []
+    for (task, setting), members in _groups(rows).items():
+        gains = [paired_gain(members, treatment=t) for t in treatments]
+        if any(gains):
+            table.append([task, setting, *(
+                f"{g['gain']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]" if g else "-" for g in gains
+            )])  # fmt: skip
+    return _markdown(["task", "setting", *(f"{t} - random" for t in treatments)], table)
+
+
+def training_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """How the fine-tuning runs ended (rows with ``steps``, ``converged`` and ``final_loss``), per task,
+    setting and initialisation: runs stopped by the convergence rule, the median and range of their steps, and
+    the median training loss of their last window."""
+    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if "steps" in row:
+            groups.setdefault((str(row["task"]), str(row["setting"]), str(row["init"])), []).append(row)
+    table = []
+    for (task, setting, init), members in groups.items():
+        steps = sorted(int(r["steps"]) for r in members)
+        losses = sorted(float(r["final_loss"]) for r in members)
+        converged = sum(bool(r["converged"]) for r in members)
+        spread = f"{_median(steps):.0f} ({steps[0]}-{steps[-1]})"
+        table.append(
+            [task, setting, init, f"{converged} of {len(members)}", spread, f"{_median(losses):.3f}"]
+        )
+    return _markdown(["task", "setting", "init", "converged", "steps (median, range)", "last loss"], table)
+
+
+def _median(values: Sequence[float]) -> float:
+    middle = len(values) // 2
+    return float(values[middle]) if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def draw_value(ax, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -10,9 +10,11 @@ from conftest import require_module
 
 from jointssl_monai.apps.value_report import (
     _t95,
+    ablation_table,
     load_value_results,
     markdown_table,
     paired_gain,
+    training_table,
     value_table,
 )
 
@@ -56,6 +58,33 @@ def test_table_lists_every_initialisation_and_the_gain():
     markdown = markdown_table(rows).splitlines()
     assert markdown[0] == "| " + " | ".join(header) + " |" and markdown[1] == "|---|---|---|---|---|---|"
     assert markdown[2] == "| t | s | 0.600 (3) | 0.500 (3) | 0.900 (1) | +0.100 [+0.100, +0.100] (3 pairs) |"
+
+
+def test_ablation_table_gives_each_objectives_paired_gain_over_random():
+    rows = _rows([0.1, 0.3]) + [
+        {"task": "t", "setting": "s", "init": "ssl intra", "seed": s, "score": 0.5 - g}
+        for s, g in enumerate([0.2, 0.4])
+    ]
+    rows += [
+        {"task": "t", "setting": "only one", "init": i, "seed": 0, "score": 0.5} for i in ("ssl", "random")
+    ]
+    lines = ablation_table(rows, ["ssl", "ssl intra", "ssl intra+mask"]).splitlines()
+    assert lines[0] == "| task | setting | ssl - random | ssl intra - random | ssl intra+mask - random |"
+    # gains 0.1, 0.3: mean 0.2, sd 0.1414, t(df=1) 12.706 -> half width 1.271; the second setting has no pairs
+    assert lines[2:] == ["| t | s | +0.200 [-1.071, +1.471] | -0.300 [-1.571, +0.971] | - |"]
+
+
+def test_training_table_says_how_each_fine_tuning_ended():
+    runs = [(400, 1.0, 0.02), (300, 1.0, 0.01), (3000, 0.0, 0.2)]
+    rows = [
+        {"task": "t", "setting": "s", "init": "ssl", "seed": i, "score": 0.5, "steps": n, "converged": c,
+         "final_loss": loss}
+        for i, (n, c, loss) in enumerate(runs)
+    ]  # fmt: skip
+    rows.append({"task": "t", "setting": "s", "init": "intensity", "seed": 0, "score": 0.4})  # no training
+    lines = training_table(rows).splitlines()
+    assert lines[0] == "| task | setting | init | converged | steps (median, range) | last loss |"
+    assert lines[2:] == ["| t | s | ssl | 2 of 3 | 400 (300-3000) | 0.020 |"]
 
 
 def test_bad_result_files_are_named(tmp_path):
