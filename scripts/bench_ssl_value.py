@@ -3,16 +3,20 @@
 Pretrains the bundle once per objective of the paper's ablation (``intra``, ``intra+mask``, ``joint``) for a
 wall-clock budget each, then scores every encoder against the same network from random initialisation with
 paired seeds, beside the trivial baselines (an intensity rule fitted on the same labelled slices; raw-pixel
-retrieval). Writes every seed's number to ``bench_results/ssl_value.json`` and prints the table of paired
-gains with 95 % confidence intervals (see ``jointssl_monai.apps.ssl_value``).
+retrieval). Fine-tuning runs until the training loss stops falling (``LossPlateau``), not for a fixed number
+of steps. Every seed's number goes to ``bench_results/ssl_value.json`` as soon as it is measured; at the end
+the script prints the table of paired gains with 95 % confidence intervals, the ablation and how each
+fine-tuning run ended (see ``jointssl_monai.apps.ssl_value``). On a CUDA GPU the evaluation runs there.
 
     python scripts/bench_ssl_value.py                           # 2 CPU cores: 10 minutes per objective
     python scripts/bench_ssl_value.py --budget_minutes 120 --settings '{"backbone": "resnet50",
         "spatial_size": [128, 128], "num_slices": 64, "d_model": 640, "batch_size": 32}'   # a GPU
     python scripts/bench_ssl_value.py --datalist my_unlabelled.json    # pretrain on your own images
+    python scripts/bench_ssl_value.py --reuse_pretraining             # evaluate the encoders again
 
-Your own labelled task: build a ``SliceTask`` (``jointssl_monai.apps.ssl_value``) from your volumes and call
-``evaluate_task`` with the encoders this script wrote under ``--workdir``.
+Your own labelled task: build a ``SliceTask`` (``jointssl_monai.apps.ssl_value``: a labelled training volume,
+test volumes, the number of classes) from your volumes and pass it to :func:`probe_rows` and
+:func:`finetune_rows` with the encoders this script wrote under ``--workdir``.
 """
 
 from __future__ import annotations
