@@ -20,6 +20,7 @@ def test_chunked_assignment_equals_the_argmax_of_all_scores(monkeypatch):
         monkeypatch.setattr(kmeans, "_BLOCK_ELEMENTS", block)
         assert torch.equal(kmeans._assign(x, centroids), expected), block
     assert kmeans._assign(x[:0], centroids).shape == (0,)
+    assert torch.equal(kmeans._assign(x[:1], centroids), expected[:1])  # a single row is assigned too
 
 
 def test_an_empty_cluster_takes_half_of_the_largest_one():
@@ -54,3 +55,20 @@ def test_initial_centroids_are_distinct_rows_of_the_data():
     assert ((more @ F.normalize(x[:3], dim=1).t()).max(dim=1).values > 1 - 1e-6).all()  # rows repeated
     with pytest.raises(ValueError, match=r"^spherical_kmeans: x has no rows on any process\.$"):
         kmeans._init_centroids(x[:0], 2, torch.Generator(), distributed=False)
+
+
+def test_random_choices_follow_the_given_generator_only():
+    """Initialisation (also when rows must be repeated) and re-seeding draw from the seeded generator, so
+    every process gets the same centroids whatever its global random state."""
+    g = torch.Generator().manual_seed(6)
+    x = F.normalize(torch.randn(3, 5, generator=g), dim=1)
+    centroids = F.normalize(torch.randn(4, 5, generator=g), dim=1)
+    runs = []
+    for global_seed in (0, 1, 2):
+        torch.manual_seed(global_seed)
+        init = kmeans._init_centroids(x, 8, torch.Generator().manual_seed(7), distributed=False)
+        split = centroids.clone()
+        kmeans._reseed_empty(split, torch.tensor([6, 0, 2, 0]), torch.Generator().manual_seed(8), 1e-3)
+        runs.append((init, split))
+    for init, split in runs[1:]:
+        assert torch.equal(init, runs[0][0]) and torch.equal(split, runs[0][1])
