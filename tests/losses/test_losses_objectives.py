@@ -11,6 +11,7 @@ from jointssl_monai.losses import (
     JointSSLLoss,
     MaskedEmbeddingLoss,
     SwAVLoss,
+    normalize_over_slices,
     prototype_heads,
 )
 from jointssl_monai.outputs import ClusterBranch, JointSSLOutput
@@ -188,6 +189,34 @@ def test_masked_embedding_target_is_standardised_over_slices() -> None:
     predict_mean = loss(mean_token.expand(2, 7, 6), target, mask, valid)
     raw = MaskedEmbeddingLoss(target_norm="none")(mean_token.expand(2, 7, 6), target, mask, valid)
     assert float(raw) < 1e-3 and 0.3 < float(predict_mean) < 3.0
+
+
+def test_slice_standardisation_of_padding_and_single_slices() -> None:
+    """Padded positions come out as 0, and so does a volume with one valid slice (nothing varies)."""
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randn(3, 4, 5, generator=g) + 2.0
+    valid = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    out = normalize_over_slices(tokens, valid)
+    assert torch.equal(out[~valid], torch.zeros(int((~valid).sum()), 5))
+    assert torch.equal(out[1], torch.zeros(4, 5))
+    x = tokens[0, :3]
+    torch.testing.assert_close(out[0, :3], (x - x.mean(0)) / x.std(0, unbiased=False), rtol=1e-4, atol=1e-5)
+
+
+def test_masked_loss_without_valid_or_without_selected_positions() -> None:
+    """``valid=None``: every position is valid; nothing selected: a zero on the prediction's graph."""
+    g = torch.Generator().manual_seed(5)
+    target = torch.randn(2, 4, 3, generator=g)
+    prediction = torch.randn(2, 4, 3, generator=g, requires_grad=True)
+    mask = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0]], dtype=torch.bool)
+    loss = MaskedEmbeddingLoss()
+    torch.testing.assert_close(
+        loss(prediction, target, mask), loss(prediction, target, mask, torch.ones_like(mask))
+    )
+    nothing = loss(prediction, target, torch.zeros_like(mask))
+    assert float(nothing.detach()) == 0.0
+    nothing.backward()
+    assert torch.equal(prediction.grad, torch.zeros_like(prediction))
 
 
 def test_joint_loss_components_and_missing_branches() -> None:
