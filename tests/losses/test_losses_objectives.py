@@ -253,6 +253,7 @@ def test_the_loss_decides_each_level_family_heads_and_use() -> None:
     assert off.level("intra") is None and off.level("inter") is None and off.method("inter") is None
     assert not (off.uses("intra") or off.uses("inter") or off.uses("mask"))
     assert off.prototype_heads("intra") == [3000] and off.prototype_heads("inter") == [4, 4, 4]
+    assert JointSSLLoss().prototype_heads("inter") == [3000]  # the default of both levels
     assert prototype_heads([5, 7], "swav") == [5, 7] and prototype_heads(5, None) == [5]
     with pytest.raises(ValueError, match="level must be one of"):
         loss.level("volume")
