@@ -261,3 +261,16 @@ def test_joint_swav_levels_get_the_prototypes_and_sizes_they_need(monkeypatch) -
     )
     criterion(JointSSLOutput())
     assert calls == []
+
+
+def test_one_view_levels() -> None:
+    """DeepCluster-v2 built for one view scores a one-view branch; a disabled level ignores its branch,
+    whatever it holds, and leaves a zero loss."""
+    x = circle(12)
+    one_view = ClusterBranch([x], [[x @ x[:4].t()]])
+    loss = DeepClusterV2Loss(num_samples=12, dim=2, num_prototypes=(4,), num_views=1, temperature=0.5)
+    loss.assignments[0] = torch.arange(12) % 4
+    expected = F.cross_entropy(one_view.scores[0][0] / 0.5, torch.arange(12) % 4)
+    torch.testing.assert_close(loss.eval()(one_view, torch.arange(12)), expected)
+    out = JointSSLLoss(None, None, w_mask=0)(JointSSLOutput(intra=one_view))
+    assert set(out) == {"loss"} and float(out["loss"]) == 0.0
