@@ -65,7 +65,7 @@ def _init_centroids(
     total = int(sizes.sum())
     if total == 0:
         raise ValueError("spherical_kmeans: x has no rows on any process.")
-    offset = int(sizes[: rank()].sum()) if distributed is not False else 0
+    offset = int(sizes[: rank()].sum())  # 0 when the sizes were not reduced: only this rank's is set
     chosen = torch.randperm(total, generator=generator)[:k]
     if k > total:  # fewer rows than clusters: repeat rows; the duplicates are re-seeded as empty clusters
         chosen = torch.cat([chosen, torch.randint(total, (k - total,), generator=generator)])

@@ -4,6 +4,8 @@ the initial centroids are distinct normalised rows of the data."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +20,13 @@ def test_chunked_assignment_equals_the_argmax_of_all_scores(monkeypatch):
     expected = (x @ centroids.t()).argmax(dim=1)
     for block in (1 << 24, 7 * 10, 7 * 3, 7, 1):  # one chunk; chunks of 10, 3, 1 rows (the last one short)
         monkeypatch.setattr(kmeans, "_BLOCK_ELEMENTS", block)
-        assert torch.equal(kmeans._assign(x, centroids), expected), block
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "error"
+            )  # every chunk is written into the preallocated buffers, never resized
+            assert torch.equal(kmeans._assign(x, centroids), expected), block
     assert kmeans._assign(x[:0], centroids).shape == (0,)
+    assert torch.equal(kmeans._assign(x[:1], centroids), expected[:1])  # a single row is assigned too
 
 
 def test_an_empty_cluster_takes_half_of_the_largest_one():
@@ -35,6 +42,13 @@ def test_an_empty_cluster_takes_half_of_the_largest_one():
     for j in (0, 1, 3):  # the split ones stay next to the old largest centroid, on either side of it
         assert float(centroids[j] @ before[0]) > 0.999 and not torch.equal(centroids[j], before[0])
     assert float((centroids[0] - before[0]) @ (centroids[1] - before[0])) < 0  # opposite sides
+    # the first split moves the largest centroid by -delta and the empty one by +delta, delta drawn from
+    # the generator as perturbation * N(0, I); the second split starts from the moved one
+    delta = 1e-3 * torch.randn(6, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(centroids[1], F.normalize(before[0] + delta, dim=0))
+    pair = torch.tensor([0, 2])  # the smallest cluster that can still be split
+    kmeans._reseed_empty(F.normalize(torch.randn(2, 6, generator=g), dim=1), pair, torch.Generator(), 1e-3)
+    assert pair.tolist() == [1, 1]
     single = torch.tensor([1, 0])  # nothing left to split: unchanged
     two = F.normalize(torch.randn(2, 6, generator=g), dim=1)
     kept = two.clone()
@@ -54,3 +68,20 @@ def test_initial_centroids_are_distinct_rows_of_the_data():
     assert ((more @ F.normalize(x[:3], dim=1).t()).max(dim=1).values > 1 - 1e-6).all()  # rows repeated
     with pytest.raises(ValueError, match=r"^spherical_kmeans: x has no rows on any process\.$"):
         kmeans._init_centroids(x[:0], 2, torch.Generator(), distributed=False)
+
+
+def test_random_choices_follow_the_given_generator_only():
+    """Initialisation (also when rows must be repeated) and re-seeding draw from the seeded generator, so
+    every process gets the same centroids whatever its global random state."""
+    g = torch.Generator().manual_seed(6)
+    x = F.normalize(torch.randn(3, 5, generator=g), dim=1)
+    centroids = F.normalize(torch.randn(4, 5, generator=g), dim=1)
+    runs = []
+    for global_seed in (0, 1, 2):
+        torch.manual_seed(global_seed)
+        init = kmeans._init_centroids(x, 8, torch.Generator().manual_seed(7), distributed=False)
+        split = centroids.clone()
+        kmeans._reseed_empty(split, torch.tensor([6, 0, 2, 0]), torch.Generator().manual_seed(8), 1e-3)
+        runs.append((init, split))
+    for init, split in runs[1:]:
+        assert torch.equal(init, runs[0][0]) and torch.equal(split, runs[0][1])

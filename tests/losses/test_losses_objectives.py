@@ -11,6 +11,7 @@ from jointssl_monai.losses import (
     JointSSLLoss,
     MaskedEmbeddingLoss,
     SwAVLoss,
+    normalize_over_slices,
     prototype_heads,
 )
 from jointssl_monai.outputs import ClusterBranch, JointSSLOutput
@@ -190,6 +191,34 @@ def test_masked_embedding_target_is_standardised_over_slices() -> None:
     assert float(raw) < 1e-3 and 0.3 < float(predict_mean) < 3.0
 
 
+def test_slice_standardisation_of_padding_and_single_slices() -> None:
+    """Padded positions come out as 0, and so does a volume with one valid slice (nothing varies)."""
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randn(3, 4, 5, generator=g) + 2.0
+    valid = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    out = normalize_over_slices(tokens, valid)
+    assert torch.equal(out[~valid], torch.zeros(int((~valid).sum()), 5))
+    assert torch.equal(out[1], torch.zeros(4, 5))
+    x = tokens[0, :3]
+    torch.testing.assert_close(out[0, :3], (x - x.mean(0)) / x.std(0, unbiased=False), rtol=1e-4, atol=1e-5)
+
+
+def test_masked_loss_without_valid_or_without_selected_positions() -> None:
+    """``valid=None``: every position is valid; nothing selected: a zero on the prediction's graph."""
+    g = torch.Generator().manual_seed(5)
+    target = torch.randn(2, 4, 3, generator=g)
+    prediction = torch.randn(2, 4, 3, generator=g, requires_grad=True)
+    mask = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0]], dtype=torch.bool)
+    loss = MaskedEmbeddingLoss()
+    torch.testing.assert_close(
+        loss(prediction, target, mask), loss(prediction, target, mask, torch.ones_like(mask))
+    )
+    nothing = loss(prediction, target, torch.zeros_like(mask))
+    assert float(nothing.detach()) == 0.0
+    nothing.backward()
+    assert torch.equal(prediction.grad, torch.zeros_like(prediction))
+
+
 def test_joint_loss_components_and_missing_branches() -> None:
     x = torch.randn(6, 8)
     protos = [torch.randn(4, 8, requires_grad=True)]
@@ -224,6 +253,7 @@ def test_the_loss_decides_each_level_family_heads_and_use() -> None:
     assert off.level("intra") is None and off.level("inter") is None and off.method("inter") is None
     assert not (off.uses("intra") or off.uses("inter") or off.uses("mask"))
     assert off.prototype_heads("intra") == [3000] and off.prototype_heads("inter") == [4, 4, 4]
+    assert JointSSLLoss().prototype_heads("inter") == [3000]  # the default of both levels
     assert prototype_heads([5, 7], "swav") == [5, 7] and prototype_heads(5, None) == [5]
     with pytest.raises(ValueError, match="level must be one of"):
         loss.level("volume")

@@ -11,7 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jointssl_monai.losses import DeepClusterV2Loss, JointSSLLoss, SwAVLoss, sinkhorn_knopp
+from jointssl_monai.losses import (
+    DeepClusterV2Loss,
+    JointSSLLoss,
+    MaskedEmbeddingLoss,
+    SwAVLoss,
+    sinkhorn_knopp,
+)
 from jointssl_monai.outputs import ClusterBranch, JointSSLOutput
 
 
@@ -32,6 +38,7 @@ def reference_swav(
     local_rows: torch.Tensor | None,
     temperature: float,
     epsilon: float,
+    iterations: int = 3,
 ) -> torch.Tensor:
     """Eq. 1-3: mean over heads, code views v and predicting views p != v of -sum_k q_v log p_p."""
 
@@ -42,7 +49,7 @@ def reference_swav(
     for h in range(len(scores[0])):
         per_code_view = []
         for v, view in enumerate(scores):
-            q = reference_sinkhorn(view[h], epsilon)
+            q = reference_sinkhorn(view[h], epsilon, iterations)
             terms = [swapped(q, other[h]) for p, other in enumerate(scores) if p != v]
             terms += [swapped(q[local_rows], local[h]) for local in local_scores]
             per_code_view.append(torch.stack(terms).mean())
@@ -192,3 +199,118 @@ def test_joint_loss_is_the_weighted_sum_of_its_parts() -> None:
         torch.testing.assert_close(result[name], value)
     expected = 2.0 * parts["intra"] + 3.0 * parts["inter"] + 5.0 * parts["mask"]
     torch.testing.assert_close(result["loss"], expected)
+
+
+def test_swav_defaults_are_the_papers_settings() -> None:
+    """Temperature 0.1, Sinkhorn epsilon 0.05 and 3 iterations when nothing is given (SwAV's recipe)."""
+    branch = multicrop_branch(num_global=2, local_rows=torch.tensor([2, 7]))
+    expected = reference_swav(branch.scores, branch.local_scores, branch.local_rows, 0.1, 0.05, 3)
+    torch.testing.assert_close(SwAVLoss()(branch).double(), expected, **CE_TOL)
+
+
+@pytest.mark.parametrize("iterations", [1, 7])
+def test_swav_runs_the_sinkhorn_iterations_it_is_given(iterations: int) -> None:
+    branch = multicrop_branch(num_global=2, local_rows=None)
+    got = SwAVLoss(epsilon=0.03, sinkhorn_iterations=iterations)(branch)
+    torch.testing.assert_close(
+        got.double(), reference_swav(branch.scores, [], None, 0.1, 0.03, iterations), **CE_TOL
+    )
+
+
+def test_swav_batches_of_one_row_and_of_none() -> None:
+    """One row is scored like any batch; no row gives a zero that still reaches the scores' graph."""
+    branch = multicrop_branch(num_global=2, local_rows=None)
+    one = ClusterBranch([e[:1] for e in branch.embeddings], [[s[:1] for s in view] for view in branch.scores])
+    expected = reference_swav(one.scores, [], None, 0.1, 0.05)
+    assert float(expected) > 0.1
+    torch.testing.assert_close(SwAVLoss()(one).double(), expected, **CE_TOL)
+    none = ClusterBranch(
+        [e[:0] for e in branch.embeddings],
+        [[s[:0].clone().requires_grad_(True) for s in view] for view in branch.scores],
+    )
+    value = SwAVLoss()(none)
+    assert float(value.detach()) == 0.0
+    value.backward()
+    assert all(torch.equal(s.grad, torch.zeros_like(s)) for view in none.scores for s in view)
+
+
+def test_losses_are_float32_whatever_the_score_dtype() -> None:
+    """The cross-entropies are computed in float32, so float64 scores give a float32 loss too."""
+    branch = multicrop_branch(num_global=2, local_rows=torch.tensor([0, 5]))
+    assert branch.scores[0][0].dtype == torch.float64
+    assert SwAVLoss()(branch).dtype == torch.float32
+    loss = DeepClusterV2Loss(num_samples=24, dim=16, num_prototypes=(10, 30)).eval()
+    loss.assignments[:] = torch.arange(24) % 10
+    assert loss(branch, torch.arange(24)).dtype == torch.float32
+
+
+def test_deepcluster_default_temperature_and_the_first_cluster_as_label() -> None:
+    """Temperature 0.1 by default; rows whose label is cluster 0 count like any other label."""
+    base = clustered(8, 16, seed=12)
+    protos = [unit_rows(10, 16, seed=6)]
+    views = [views_of(base, protos, seed=50 + v) for v in range(2)]
+    branch = ClusterBranch([e for e, _ in views], [s for _, s in views])
+    loss = DeepClusterV2Loss(num_samples=8, dim=16, num_prototypes=(10,)).eval()
+    loss.assignments[0] = 0
+    expected = torch.stack([-torch.log_softmax(s[0] / 0.1, dim=1)[:, 0].mean() for s in branch.scores]).mean()
+    torch.testing.assert_close(loss(branch, torch.arange(8)).double(), expected, **CE_TOL)
+
+
+def _joint_output(seed: int) -> JointSSLOutput:
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(3, 5, 8, generator=g)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[:, [1, 3]] = True
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    valid[2, 3:] = False
+    return JointSSLOutput(
+        intra=multicrop_branch(num_global=2, local_rows=torch.tensor([4, 4, 9])),
+        inter=multicrop_branch(num_global=2, local_rows=None),
+        masked_prediction=[target + torch.randn(3, 5, 8, generator=g) for _ in range(2)],
+        masked_target=[target, target.roll(1, dims=1)],
+        mask=[mask, mask.roll(1, dims=1)],
+        valid=valid,
+    )
+
+
+def test_joint_loss_defaults_weigh_the_three_terms_equally_with_swavs_settings() -> None:
+    """Default objective: L_intra + L_inter + L_mask, both levels SwAV with temperature 0.1, epsilon 0.05 and
+    3 Sinkhorn iterations; L_mask sums the masked views' losses on slice-standardised targets."""
+    output = _joint_output(seed=13)
+    result = JointSSLLoss()(output)
+    for level in ("intra", "inter"):
+        branch = output.branch(level)
+        expected = reference_swav(branch.scores, branch.local_scores, branch.local_rows, 0.1, 0.05, 3)
+        torch.testing.assert_close(result[level].double(), expected, **CE_TOL)
+    mask = sum(
+        MaskedEmbeddingLoss()(p, t, m, output.valid)
+        for p, t, m in zip(output.masked_prediction, output.masked_target, output.mask, strict=True)
+    )
+    torch.testing.assert_close(result["mask"], mask)
+    torch.testing.assert_close(result["loss"], result["intra"] + result["inter"] + result["mask"])
+
+
+@pytest.mark.parametrize(("reduction", "norm"), [("all", "slices"), ("masked", "none")])
+def test_joint_loss_hands_its_masked_options_to_the_masked_term(reduction: str, norm: str) -> None:
+    output = _joint_output(seed=14)
+    result = JointSSLLoss(w_intra=0, w_inter=0, mask_reduction=reduction, mask_target_norm=norm)(output)
+    part = MaskedEmbeddingLoss(reduction, norm)
+    expected = sum(
+        part(p, t, m, output.valid)
+        for p, t, m in zip(output.masked_prediction, output.masked_target, output.mask, strict=True)
+    )
+    default = JointSSLLoss(w_intra=0, w_inter=0)(output)["mask"]
+    assert abs(float(expected - default)) > 1e-3  # the options change the term
+    torch.testing.assert_close(result["mask"], expected)
+    torch.testing.assert_close(result["loss"], expected)
+
+
+def test_joint_loss_hands_temperature_to_deepcluster() -> None:
+    output = _joint_output(seed=15)
+    joint = JointSSLLoss("none", "deepcluster", w_mask=0, inter_prototypes=[10, 30], temperature=0.4,
+                         embedding_dim=16, inter_bank_size=24).eval()  # fmt: skip
+    part = DeepClusterV2Loss(num_samples=24, dim=16, num_prototypes=(10, 30), temperature=0.4).eval()
+    for loss in (joint.inter_loss, part):
+        loss.assignments[:] = torch.arange(24) % 7
+    keys = torch.arange(24).flip(0)
+    torch.testing.assert_close(joint(output, inter_keys=keys)["inter"], part(output.inter, keys))
