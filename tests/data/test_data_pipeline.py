@@ -314,10 +314,10 @@ def test_auto_axis_is_the_coarsest_voxel_direction_of_an_oblique_affine():
     """Spacing is the length of each affine column (voxel axis), not of a row (world axis)."""
     from monai.data import MetaTensor
 
-    c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
+    c, s = np.cos(np.pi / 3), np.sin(np.pi / 3)
     rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
     affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag([1.0, 3.0, 1.0])  # voxel axis 1 is 3 mm, in an oblique direction
+    affine[:3, :3] = rotation @ np.diag([1.0, 3.0, 1.0])  # voxel axis 1 is 3 mm, mostly along world x
     volume = MetaTensor(torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(1, 4, 5, 6), affine=affine)
     out = SliceSequenced(num_slices=8, slice_axis="auto")({"image": volume})
     assert out["num_slices"] == 5
