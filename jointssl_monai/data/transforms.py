@@ -155,7 +155,8 @@ class SliceSequenced(Randomizable, MapTransform):
         return int(np.argmax(spacing))
 
     def select(self, depth: int) -> np.ndarray:
-        """Indices of the source slices kept, in order (at most ``num_slices``)."""
+        """Indices of the source slices kept, in order (at most ``num_slices``). Before the first draw, the
+        random policies select as for a draw of 0: the first window, the comb from slice 0."""
         s = self.num_slices
         if depth <= s:
             return np.arange(depth)

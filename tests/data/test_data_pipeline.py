@@ -400,3 +400,8 @@ def test_in_plane_resize_argument_rules():
         ResizeInPlaned(spatial_size=(0, 4))
     with pytest.raises(ValueError, match="mode must be 'resize' or 'crop_pad'"):
         ResizeInPlaned(mode="pad")
+
+
+def test_random_policies_select_the_first_window_before_any_draw():
+    assert SliceSequenced(num_slices=3, policy="random").select(7).tolist() == [0, 1, 2]
+    assert SliceSequenced(num_slices=3, policy="random_stride").select(9).tolist() == [0, 3, 6]
