@@ -362,11 +362,14 @@ def test_flat_settings_reach_the_parts_they_name():
 def test_flat_settings_for_memory_reach_the_encoder():
     """``channels_last`` stores the encoder's convolutions channels-last; ``gradient_checkpointing`` runs the
     encoder's stages again in the backward pass."""
-    for channels_last in (True, False):
-        weight = _net(channels_last=channels_last).encoder.resnet.layer1[0].conv1.weight
+    for channels_last in (True, False):  # off by default
+        weight = (
+            _net(**({"channels_last": True} if channels_last else {})).encoder.resnet.layer1[0].conv1.weight
+        )
         assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
     for checkpointing, calls in ((False, 1), (True, 2)):
-        net = _net(gradient_checkpointing=checkpointing, use_inter=False, use_mask=False).train()
+        flags = {"gradient_checkpointing": True} if checkpointing else {}  # off by default
+        net = _net(**flags, use_inter=False, use_mask=False).train()
         seen = []
         net.encoder.resnet.layer1.register_forward_pre_hook(lambda *_, seen=seen: seen.append(1))
         out = net(image_views=[torch.randn(2, 1, 32, 32)] * 2)
