@@ -372,7 +372,7 @@ def test_flat_settings_for_memory_reach_the_encoder():
         net = _net(**flags, use_inter=False, use_mask=False).train()
         seen = []
         net.encoder.resnet.layer1.register_forward_pre_hook(lambda *_, seen=seen: seen.append(1))
-        out = net(image_views=[torch.randn(2, 1, 32, 32)] * 2)
+        out = net(image_views=[torch.randn(2, 1, 16, 16)] * 2)
         out.intra.embeddings[0].sum().backward()
         assert len(seen) == calls
 
