@@ -49,7 +49,8 @@ class ScaleIntensityByModalityd(MapTransform):
 
     Args:
         keys: image keys.
-        modality_key: key of the modality string (DICOM ``Modality`` or the datalist's mapping).
+        modality_key: key of the modality string (DICOM ``Modality`` or the datalist's mapping); an item
+            without it has the modality ``""``.
         ct_window: ``(low, high)`` Hounsfield window for ``window_modalities``.
         percentiles: ``(low, high)`` percentiles for the other modalities.
         window_modalities: modalities normalised by the fixed window.
@@ -106,7 +107,8 @@ class SliceSequenced(Randomizable, MapTransform):
     hands the same plane to a 2D network, and in which a 2D kernel inflated to 3D with its new axis last
     (:func:`jointssl_monai.transfer.inflate_kernel`) meets it in a 3D network. The number of valid
     slices, ``min(depth, num_slices)``, goes to ``data[num_slices_key]``; padded slices are zeros at the end.
-    2D images ``(C, H, W)`` pass through with ``num_slices = 1``.
+    2D images ``(C, H, W)`` pass through with ``num_slices = 1``. The outputs are plain tensors (a volume's
+    affine does not describe its slice sequence).
 
     This transform must run *before* the two views are made, so that slice ``i`` of both views is the same
     source slice.
@@ -153,7 +155,8 @@ class SliceSequenced(Randomizable, MapTransform):
         return int(np.argmax(spacing))
 
     def select(self, depth: int) -> np.ndarray:
-        """Indices of the source slices kept, in order (at most ``num_slices``)."""
+        """Indices of the source slices kept, in order (at most ``num_slices``). Before the first draw, the
+        random policies select as for a draw of 0: the first window, the comb from slice 0."""
         s = self.num_slices
         if depth <= s:
             return np.arange(depth)

@@ -54,7 +54,11 @@ def _plain(x: Any) -> torch.Tensor:
 
 
 def _volume_transform(name: str, prob: float) -> Randomizable:
-    """One in-plane MONAI transform on a ``(slices, H, W)`` tensor (slices as channels)."""
+    """One in-plane MONAI transform on a ``(slices, H, W)`` tensor (slices as channels): ``flip`` along a
+    random in-plane axis; ``affine``: rotation up to 15 degrees, scale 0.9 to 1.1 per axis, shift up to 8
+    pixels, zero padding; ``lowres``: down- and up-sampling at a zoom of 0.5 to 0.9; ``noise``: Gaussian
+    noise of a standard deviation up to 0.05; ``blur``: Gaussian of sigma 0.5 to 1.5 per axis; ``bias``: a
+    smooth multiplicative field (Legendre coefficients 0.2 to 0.4); ``gamma``: contrast gamma 0.7 to 1.5."""
     if name == "flip":
         return RandAxisFlip(prob=prob)
     if name == "affine":
@@ -169,8 +173,11 @@ class ImageViewsd(_ViewsBase):
         local_size: size of the local crops.
         local_scale: area fraction range of the local crops.
         flip_prob: probability of a flip per view.
-        jitter_prob: probability of the intensity jitter (scale, shift) per view.
-        blur_prob: probability of a blur per view.
+        jitter_prob: probability of each intensity jitter per view: scale by 0.7 to 1.3, shift by up to 0.1,
+            contrast gamma 0.7 to 1.5.
+        blur_prob: probability of a blur per view (Gaussian, sigma 0.5 to 1.5 per axis).
+
+    A new instance is seeded with 0 (``set_random_state(seed=0)``), as is :class:`VolumeViewsd`.
     """
 
     def __init__(

@@ -62,3 +62,54 @@ def test_scaling_equals_monais_own_transforms():
     mr = ScaleIntensityByModalityd(percentiles=(0.5, 99.5))({"image": img, "modality": "MR"})["image"]
     reference = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)(img)
     torch.testing.assert_close(mr, torch.as_tensor(reference), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("entry", "name"), [({"source": "flat.nii"}, "flat.nii"), ({}, "image")])
+def test_a_flat_image_is_named_by_its_source_or_else_its_key(entry: dict, name: str) -> None:
+    """The error names the item's ``source`` (the file) and, without one, the image key."""
+    item = {"image": torch.ones(1, 4, 4, 4), "modality": "MR", **entry}
+    with pytest.raises(BadInputError, match=rf"^{name}: no intensity range .*\(almost constant image\)$"):
+        ScaleIntensityByModalityd()(item)
+
+
+def test_window_and_percentile_rules_at_their_boundaries() -> None:
+    """A window needs low < high, percentiles 0 <= low < high <= 100; the error names both settings."""
+    ScaleIntensityByModalityd(ct_window=(0.0, 1e-3), percentiles=(0.0, 100.0))
+    ScaleIntensityByModalityd(percentiles=(50.0, 50.001))
+    bad = [
+        {"ct_window": (1.0, 1.0)},
+        {"ct_window": (1.0, 0.0)},
+        {"percentiles": (50.0, 50.0)},
+        {"percentiles": (0.0, 100.5)},
+        {"percentiles": (-0.5, 100.0)},
+    ]
+    for kwargs in bad:
+        with pytest.raises(ValueError, match=r"invalid ct_window .* or percentiles"):
+            ScaleIntensityByModalityd(**kwargs)
+
+
+def test_a_missing_image_key_is_an_error_unless_allowed() -> None:
+    """MONAI's ``allow_missing_keys`` contract: off by default (KeyError), on when asked."""
+    with pytest.raises(KeyError):
+        ScaleIntensityByModalityd()({"modality": "CT"})
+    assert ScaleIntensityByModalityd(allow_missing_keys=True)({"modality": "CT"}) == {"modality": "CT"}
+
+
+def test_an_item_without_modality_has_the_empty_modality() -> None:
+    """No modality entry is the modality ``""``: it matches a window modality ``""`` and nothing else."""
+    hu = torch.tensor([[-1000.0, 0.0, 500.0, 1000.0]])
+    out = ScaleIntensityByModalityd(window_modalities=("",))({"image": hu})["image"]
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.5, 0.75, 1.0]]))
+    by_percentiles = ScaleIntensityByModalityd(percentiles=(0.0, 100.0))({"image": hu / 10})["image"]
+    torch.testing.assert_close(by_percentiles, (hu / 10 + 100) / 200)  # the image's own range
+
+
+def test_floating_images_keep_their_dtype_and_integer_images_become_float32() -> None:
+    """Scaled values are fractions: an int16 CT becomes float32, float64 stays float64."""
+    hu = torch.tensor([[-1000, -500, 0, 200, 1000]], dtype=torch.int16)
+    out = ScaleIntensityByModalityd()({"image": hu, "modality": "CT"})["image"]
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.25, 0.5, 0.6, 1.0]]))
+    out64 = ScaleIntensityByModalityd()({"image": hu.double(), "modality": "CT"})["image"]
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64, out.double())

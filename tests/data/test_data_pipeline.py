@@ -15,6 +15,7 @@ from jointssl_monai.data import (
     BadInputError,
     ImageViewsd,
     MixedBatchSampler,
+    ResizeInPlaned,
     SampleKey,
     SliceSequenced,
     VolumeViewsd,
@@ -274,3 +275,133 @@ def test_random_slice_policies_draw_their_slices_for_every_item_even_under_a_cac
     assert (
         not torch.allclose(slice_sums(1), slice_sums(2))
     ) == moves  # another draw: other slices, if random
+
+
+def test_slice_sequence_defaults_take_64_centre_slices_of_the_image_key():
+    """Defaults: key ``image``, 64 slices, centre policy, axis 2; the count goes to ``num_slices``."""
+    out = SliceSequenced()({"image": _volume(70)})
+    assert out["image"][0, :, 0, 0].tolist() == list(range(4, 68))  # slices 3..66, 1-based values
+    assert out["num_slices"] == 64
+
+
+def test_slice_sequence_argument_rules_at_their_boundaries():
+    """``num_slices >= 1``, ``slice_axis`` in 0, 1, 2, ``auto``, a known policy; errors name the argument."""
+    one = SliceSequenced(num_slices=1)({"image": _volume(5)})
+    assert one["image"][0, :, 0, 0].tolist() == [3] and one["num_slices"] == 1
+    for axis in (0, 1, 2, "auto"):
+        SliceSequenced(slice_axis=axis)
+    with pytest.raises(ValueError, match="num_slices must be an integer >= 1"):
+        SliceSequenced(num_slices=0)
+    with pytest.raises(ValueError, match="slice_axis must be 0, 1, 2 or 'auto'"):
+        SliceSequenced(slice_axis=3)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        SliceSequenced(policy="middle")
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_slices_along_each_axis_keep_the_other_axes_in_monai_order(axis):
+    """Slice ``i`` along ``axis`` is ``volume.select(axis, i)``, its plane the two other axes in order."""
+    volume = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(1, 4, 5, 6)
+    out = SliceSequenced(num_slices=8, slice_axis=axis)({"image": volume})
+    depth = volume.shape[1 + axis]
+    assert out["num_slices"] == depth
+    for i in range(depth):
+        torch.testing.assert_close(out["image"][:, i], volume.select(1 + axis, i), rtol=0, atol=0)
+    assert torch.count_nonzero(out["image"][:, depth:]) == 0
+
+
+def test_auto_axis_is_the_coarsest_voxel_direction_of_an_oblique_affine():
+    """Spacing is the length of each affine column (voxel axis), not of a row (world axis)."""
+    from monai.data import MetaTensor
+
+    c, s = np.cos(np.pi / 3), np.sin(np.pi / 3)
+    rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([1.0, 3.0, 1.0])  # voxel axis 1 is 3 mm, mostly along world x
+    volume = MetaTensor(torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(1, 4, 5, 6), affine=affine)
+    out = SliceSequenced(num_slices=8, slice_axis="auto")({"image": volume})
+    assert out["num_slices"] == 5
+    torch.testing.assert_close(out["image"][:, 2], volume.as_tensor()[:, :, 2], rtol=0, atol=0)
+    plain = SliceSequenced(num_slices=8, slice_axis="auto")(
+        {"image": volume.as_tensor()}
+    )  # no affine: axis 2
+    assert plain["num_slices"] == 6
+
+
+def test_random_window_starts_are_uniform_over_every_position():
+    """Every start from the first to the last window is drawn, each about equally often."""
+    t = SliceSequenced("image", num_slices=4, policy="random")
+    t.set_random_state(seed=0)
+    starts = [int(t({"image": _volume(6)})["image"][0, 0, 0, 0]) - 1 for _ in range(300)]
+    counts = np.bincount(starts, minlength=3)
+    assert len(counts) == 3 and all(abs(n / 300 - 1 / 3) < 0.08 for n in counts), counts
+
+
+def test_slice_sequences_and_2d_images_come_out_as_plain_tensors_with_their_count():
+    """Metadata goes (the affine no longer describes a slice sequence); 2D images count one slice; every
+    key is processed whatever its kind."""
+    from monai.data import MetaTensor
+
+    item = {"a": MetaTensor(torch.rand(1, 6, 5)), "b": MetaTensor(torch.rand(1, 6, 5, 3)), "source": "x.nii"}
+    out = SliceSequenced(("a", "b"), num_slices=4)(item)
+    assert type(out["a"]) is torch.Tensor and type(out["b"]) is torch.Tensor
+    assert out["b"].shape == (1, 4, 6, 5) and out["num_slices"] == 3  # the last key's count
+    only_2d = SliceSequenced(num_slices=4)({"image": MetaTensor(torch.rand(1, 6, 5))})
+    assert only_2d["num_slices"] == 1 and type(only_2d["image"]) is torch.Tensor
+
+
+@pytest.mark.parametrize(("entry", "name"), [({"source": "vol.nii"}, "vol.nii"), ({}, "image")])
+def test_an_image_of_the_wrong_rank_is_named_with_its_shape(entry, name):
+    with pytest.raises(
+        BadInputError, match=rf"^{name}: expected \(C, X, Y, Z\) before slicing, got \(1, 2\)$"
+    ):
+        SliceSequenced()({"image": torch.zeros(1, 2), **entry})
+
+
+def test_missing_keys_are_an_error_unless_allowed():
+    """MONAI's ``allow_missing_keys`` contract, off by default, for the slicing and resizing transforms."""
+    for transform in (SliceSequenced, ResizeInPlaned):
+        with pytest.raises(KeyError):
+            transform()({"other": 1})
+        assert transform(allow_missing_keys=True)({"other": 1}) == {"other": 1}
+
+
+def test_in_plane_resize_defaults_to_128_by_area_and_never_touches_the_slices():
+    """Default ``image`` key, ``(128, 128)``, ``resize`` mode: area interpolation (block means when
+    shrinking, pixel repetition when growing); the slice axis and 2D images alike; plain tensors out."""
+    gen = torch.Generator().manual_seed(0)
+    volume = torch.rand(1, 3, 4, 2, generator=gen)
+    out = ResizeInPlaned()({"image": volume})["image"]
+    assert type(out) is torch.Tensor and out.shape == (1, 3, 128, 128)
+    torch.testing.assert_close(out, volume.repeat_interleave(32, 2).repeat_interleave(64, 3))
+    image = torch.rand(2, 8, 6, generator=gen)
+    small = ResizeInPlaned(spatial_size=(4, 3))({"image": image})["image"]
+    assert type(small) is torch.Tensor
+    torch.testing.assert_close(small, image.reshape(2, 4, 2, 3, 2).mean(dim=(2, 4)))
+
+
+def test_in_plane_crop_pad_mode_centre_crops_and_zero_pads():
+    """``crop_pad`` cuts the centre of a larger plane and pads a smaller one with zeros, slices untouched."""
+    gen = torch.Generator().manual_seed(0)
+    volume = torch.rand(1, 3, 8, 4, generator=gen)
+    out = ResizeInPlaned(spatial_size=(6, 6), mode="crop_pad")({"image": volume})["image"]
+    assert type(out) is torch.Tensor and out.shape == (1, 3, 6, 6)
+    torch.testing.assert_close(out[..., 1:5], volume[:, :, 1:7], rtol=0, atol=0)
+    assert torch.count_nonzero(out[..., 0]) == 0 and torch.count_nonzero(out[..., 5]) == 0
+    image = torch.rand(1, 8, 4, generator=gen)
+    flat = ResizeInPlaned(spatial_size=(6, 6), mode="crop_pad")({"image": image})["image"]
+    assert type(flat) is torch.Tensor and flat.shape == (1, 6, 6)
+    torch.testing.assert_close(flat[..., 1:5], image[:, 1:7], rtol=0, atol=0)
+
+
+def test_in_plane_resize_argument_rules():
+    ResizeInPlaned(spatial_size=(1, 1))
+    with pytest.raises(ValueError, match="spatial_size must be an integer >= 1"):
+        ResizeInPlaned(spatial_size=(0, 4))
+    with pytest.raises(ValueError, match="mode must be 'resize' or 'crop_pad'"):
+        ResizeInPlaned(mode="pad")
+
+
+def test_random_policies_select_the_first_window_before_any_draw():
+    assert SliceSequenced(num_slices=3, policy="random").select(7).tolist() == [0, 1, 2]
+    assert SliceSequenced(num_slices=3, policy="random_stride").select(9).tolist() == [0, 3, 6]

@@ -230,3 +230,261 @@ def test_parts_that_do_not_fit_are_refused_by_name():
         JointSSLNet(**{**parts, "inter_prototypes": MultiPrototypes(8, 4)})
     with pytest.raises(ValueError, match=r"intra_head.in_dim is 64, expected 32"):
         JointSSLNet(**{**parts, "intra_head": ProjectionHead(64, 32, 16)})
+
+
+def _parts(net: JointSSLNet) -> dict:
+    return dict(net.named_children())
+
+
+def test_a_network_built_from_parts_runs_every_branch_and_trains_its_encoder_by_default():
+    net = JointSSLNet(**_parts(_net()))
+    net.eval()
+    net.train()
+    assert net.encoder.training and net.intra_head.training and net.aggregator.training
+    assert all(p.requires_grad for p in net.parameters())
+    vols, ns = _volumes([3, 2])
+    out = net(vols, ns)
+    assert out.intra is not None and out.inter is not None and out.masked_prediction is not None
+
+
+@pytest.mark.parametrize(
+    ("flags", "frozen"),
+    [
+        ({}, set()),
+        (
+            {"use_inter": False, "use_mask": False},
+            {"inter_head", "inter_prototypes", "masked_modeling", "aggregator"},
+        ),
+        (
+            {"use_intra": False, "use_inter": False, "freeze_encoder": True},
+            {"encoder", "intra_head", "intra_prototypes", "inter_head", "inter_prototypes"},
+        ),
+        ({"use_intra": False, "use_mask": False}, {"intra_head", "intra_prototypes", "masked_modeling"}),
+        ({"use_mask": False}, {"masked_modeling"}),
+        ({"use_inter": False}, {"inter_head", "inter_prototypes"}),
+    ],
+)
+def test_exactly_the_parts_of_disabled_branches_are_frozen(flags, frozen):
+    """Stage A freezes the volume level, the masking and the aggregator; stage B the encoder and both
+    clustering levels; stage C the slice level and the masking; the aggregator trains whenever the volume
+    level or the masking runs."""
+    net = JointSSLNet(**_parts(_net()), **flags)
+    for name, module in net.named_children():
+        assert all(not p.requires_grad for p in module.parameters()) == (name in frozen), name
+        assert all(p.requires_grad for p in module.parameters()) == (name not in frozen), name
+
+
+def test_flag_rules_are_refused_with_the_rule():
+    parts = _parts(_net())
+    with pytest.raises(
+        ValueError, match=r"^JointSSLNet: at least one of use_intra, use_inter, use_mask must be True\.$"
+    ):
+        JointSSLNet(**parts, use_intra=False, use_inter=False, use_mask=False)
+    from jointssl_monai.networks import MaskedSliceModeling
+
+    no_masking = MaskedSliceModeling(32, mask_ratio=0.0)
+    JointSSLNet(**{**parts, "masked_modeling": no_masking}, use_mask=False)
+    with pytest.raises(
+        ValueError, match=r"^mask_ratio must be > 0 when masked slice modelling is on \(w_mask > 0\)"
+    ):
+        JointSSLNet(**{**parts, "masked_modeling": no_masking})
+    JointSSLNet(**{**parts, "masked_modeling": MaskedSliceModeling(32, mask_ratio=0.01)})
+
+
+def test_every_part_that_does_not_fit_is_named_in_one_message():
+    from jointssl_monai.networks import MultiPrototypes, ProjectionHead, SliceAggregator
+
+    parts = _parts(_net())
+    bad = {
+        "aggregator": SliceAggregator(16, num_layers=1, ff_dim=8, heads=1, dim_head=4),
+        "inter_head": ProjectionHead(64, 32, 16),
+        "intra_prototypes": MultiPrototypes(8, 4),
+    }
+    expected = (
+        r"^JointSSLNet: the parts do not fit \(encoder\.d_model=32\): "
+        r"aggregator\.d_model is 16, expected 32; inter_head\.in_dim is 64, expected 32; "
+        r"intra_prototypes\.dim is 8, expected 16$"
+    )
+    with pytest.raises(ValueError, match=expected):
+        JointSSLNet(**{**parts, **bad})
+
+
+def test_level_accessors_return_that_levels_parts_and_refuse_other_names():
+    net = _net()
+    assert net.prototypes("intra") is net.intra_prototypes and net.prototypes("inter") is net.inter_prototypes
+    assert net.projection_head("intra") is net.intra_head and net.projection_head("inter") is net.inter_head
+    for accessor in (net.prototypes, net.projection_head):
+        with pytest.raises(ValueError, match=r"level must be 'intra' or 'inter', got 'mask'"):
+            accessor("mask")
+
+
+def test_train_mode_is_restored_by_default_but_a_frozen_encoder_stays_in_eval():
+    for freeze in (False, True):
+        net = _net(use_intra=False, use_inter=False, freeze_encoder=freeze).eval()
+        assert net.train() is net and net.training and net.masked_modeling.training
+        assert net.encoder.training is not freeze
+
+
+def test_flat_settings_reach_the_parts_they_name():
+    """``from_settings`` equals the parts built by hand with the same settings (same weights, same output)."""
+    from jointssl_monai.networks import (
+        MaskedSliceModeling,
+        MultiPrototypes,
+        ProjectionHead,
+        SliceAggregator,
+        SliceEncoder,
+    )
+
+    deformable = {"downsample_factor": 2, "offset_kernel_size": 4}
+    settings = dict(position_encoding=True, deformable_kwargs=deformable, mask_decoder_hidden_dim=24,
+                    proj_batch_norm=False, inter_proj_batch_norm=True)  # fmt: skip
+    net = _net(**settings).eval()
+    torch.manual_seed(0)
+    parts = [
+        SliceEncoder("resnet10", 1, 32),
+        SliceAggregator(32, 2, 48, 2, 8, 0.0, "deformable", True, settings["deformable_kwargs"]),
+        MaskedSliceModeling(32, 0.25, 24),
+        ProjectionHead(32, 32, 16, 2, batch_norm=False),
+        ProjectionHead(32, 32, 16, 2, batch_norm=True),
+        MultiPrototypes(16, [10, 12]),
+        MultiPrototypes(16, 8),
+    ]
+    reference = JointSSLNet(*parts).eval()
+    assert {k: v.shape for k, v in net.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()
+    }
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    vols, ns = _volumes([5, 3])
+    torch.testing.assert_close(net(vols, ns).volume_features, reference(vols, ns).volume_features)
+
+
+def test_flat_settings_for_memory_reach_the_encoder():
+    """``channels_last`` stores the encoder's convolutions channels-last; ``gradient_checkpointing`` runs the
+    encoder's stages again in the backward pass."""
+    for channels_last in (True, False):  # off by default
+        weight = (
+            _net(**({"channels_last": True} if channels_last else {})).encoder.resnet.layer1[0].conv1.weight
+        )
+        assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+    for checkpointing, calls in ((False, 1), (True, 2)):
+        flags = {"gradient_checkpointing": True} if checkpointing else {}  # off by default
+        net = _net(**flags, use_inter=False, use_mask=False).train()
+        seen = []
+        net.encoder.resnet.layer1.register_forward_pre_hook(lambda *_, seen=seen: seen.append(1))
+        out = net(image_views=[torch.randn(2, 1, 16, 16)] * 2)
+        out.intra.embeddings[0].sum().backward()
+        assert len(seen) == calls
+
+
+def test_default_settings_build_the_papers_network():
+    """Paper values: ResNet-50, 640-d tokens, 4 layers of width 720 with 8 heads of 64, deformable
+    attention, projection 2048 -> 128, 3000 prototypes per level, every branch on."""
+    from jointssl_monai.networks import (
+        MaskedSliceModeling,
+        MultiPrototypes,
+        ProjectionHead,
+        SliceAggregator,
+        SliceEncoder,
+    )
+
+    net = JointSSLNet.from_settings()
+    paper = JointSSLNet(
+        SliceEncoder("resnet50", 1, 640),
+        SliceAggregator(640, 4, 720, 8, 64, 0.1, "deformable"),
+        MaskedSliceModeling(640, 0.1),
+        ProjectionHead(640, 2048, 128, 2, batch_norm=True),
+        ProjectionHead(640, 2048, 128, 2, batch_norm=False),
+        MultiPrototypes(128, 3000),
+        MultiPrototypes(128, 3000),
+    )
+    shapes = {k: v.shape for k, v in paper.state_dict().items()}
+    assert {k: v.shape for k, v in net.state_dict().items()} == shapes
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_volume_batches_without_a_slice_count_use_every_slice():
+    net = _net().eval()
+    vols, _ = _volumes([4, 4], s=4)
+    out = net(vols)
+    assert out.valid.all() and out.valid.shape == (2, 4)
+    torch.testing.assert_close(out.volume_features, net(vols, torch.tensor([4, 4])).volume_features)
+
+
+def test_bad_view_sets_are_named_with_their_rule():
+    net = _net()
+    vols, ns = _volumes([3, 2])
+    imgs = [torch.randn(2, 1, 32, 32)] * 2
+    with pytest.raises(ValueError, match=r"volume_views must hold 2 global views, got 1\."):
+        net(vols[:1], ns)
+    two_channels = [torch.randn(2, 2, 5, 32, 32)] * 2  # the same (wrong) shape in both views
+    with pytest.raises(
+        ValueError, match=r"volume_views\[0\] must have shape \(B, 1, S, H, W\), the same in both views"
+    ):
+        net(two_channels, ns)
+    with pytest.raises(ValueError, match=r"image_views must hold 2 global views, got 3\."):
+        net(image_views=imgs + imgs[:1])
+    with pytest.raises(
+        ValueError, match=r"image_views\[1\] must have shape \(B2, 1, H, W\) with the same B2 in every view"
+    ):
+        net(image_views=[imgs[0], torch.randn(3, 1, 32, 32)])
+    with pytest.raises(
+        ValueError, match=r"^JointSSLNet: the batch holds neither volume_views nor image_views\.$"
+    ):
+        net()
+    with pytest.raises(ValueError, match=r"^image_local_views were given without image_views\.$"):
+        net(vols, ns, image_local_views=[torch.randn(2, 1, 16, 16)])
+    with pytest.raises(ValueError, match=r"^image_local_views\[0\] must have shape \(B2, 1, H, W\)"):
+        net(image_views=imgs, image_local_views=[torch.randn(2, 3, 16, 16)])
+    with pytest.raises(ValueError, match=r"^image_local_views must have B2=2 rows, got 3\.$"):
+        net(image_views=imgs, image_local_views=[torch.randn(3, 1, 16, 16)])
+
+
+def test_slice_positions_are_integer_indices():
+    out = _net()(*_volumes([3, 2]), [torch.randn(2, 1, 32, 32)] * 2)
+    assert out.intra_slice.dtype == torch.long and out.intra_source.dtype == torch.long
+    assert out.intra_slice.tolist() == [0, 1, 2, 0, 1, 0, 0]
+
+
+def test_embeddings_are_unit_rows():
+    """Each row (slice, image, volume) is normalised on its own before scoring against the prototypes."""
+    out = _net()(*_volumes([3, 2]), [torch.randn(2, 1, 32, 32)] * 2)
+    for branch in (out.intra, out.inter):
+        for emb in branch.embeddings:
+            torch.testing.assert_close(emb.norm(dim=1), torch.ones(emb.shape[0]))
+
+
+def test_volume_features_are_the_aggregation_of_the_unmasked_valid_slice_tokens():
+    """``Z`` of view v is the aggregator's pooled output over view v's own tokens with the padding masked."""
+    net = _net().eval()
+    vols, ns = _volumes([5, 2])
+    out = net(vols, ns)
+    for v in range(2):
+        tokens = out.masked_target[v]
+        _, z = net.aggregator(tokens, out.valid)
+        torch.testing.assert_close(out.volume_features[v], z, rtol=1e-5, atol=1e-6)
+        _, unmasked_padding = net.aggregator(tokens, None)
+        assert not torch.allclose(out.volume_features[v], unmasked_padding, atol=1e-4)
+
+
+def test_the_aggregator_runs_only_the_sequences_a_stage_needs():
+    """All branches: the 2 plain and the 2 masked sequences (4B rows) in one call; stage B only the masked
+    (2B); stage C only the plain (2B)."""
+    vols, ns = _volumes([3, 2], hw=16)
+    for flags, rows in (({}, 8), ({"use_intra": False, "use_inter": False}, 4), ({"use_mask": False}, 4)):
+        net = _net(**flags)
+        seen = []
+        net.aggregator.register_forward_hook(lambda _m, args, _o, seen=seen: seen.append(args[0].shape[0]))
+        net(vols, ns)
+        assert seen == [rows], flags
+
+
+def test_the_encoder_builds_no_graph_without_autograd():
+    """Under ``torch.no_grad`` (evaluation, bank filling) the encoder keeps no activations for a backward."""
+    net = _net()
+    grads = []
+    net.encoder.register_forward_hook(lambda _m, _a, out: grads.append(out.requires_grad))
+    with torch.no_grad():
+        net(*_volumes([3, 2]))
+    net(*_volumes([3, 2]))
+    assert grads == [False, True]
