@@ -197,7 +197,9 @@ def test_constructor_rules_at_their_boundaries():
         DeformableAttention1D(8, heads=2, dim_head=4, downsample_factor=3, offset_kernel_size=2)
     with pytest.raises(ValueError, match="grid must be one of"):
         DeformableAttention1D(8, heads=2, dim_head=4, grid="uniform")
-    with pytest.raises(ValueError, match="pass grouped_projections=False for dense projections"):
+    with pytest.raises(
+        ValueError, match=r"heads \(4\); pass grouped_projections=False for dense projections\.$"
+    ):
         DeformableAttention1D(10, heads=4, dim_head=3)
 
 
@@ -346,3 +348,26 @@ def test_runs_in_bfloat16_close_to_float32(grid):
     assert out.dtype == torch.bfloat16
     keep = valid[..., None].expand_as(out)
     torch.testing.assert_close(out.float()[keep], expected[keep], atol=0.05, rtol=0.05)
+
+
+def test_sampled_keys_keep_the_projections_precision_under_autocast(monkeypatch):
+    """Under autocast the projections run in bfloat16 while the positions stay float32: the interpolated
+    keys and values stay bfloat16 (no float32 copy) and the output is close to the float32 one."""
+    torch.manual_seed(0)
+    attn = DeformableAttention1D(16, heads=2, dim_head=8).eval()
+    x = torch.randn(2, 11, 16)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kwargs)
+
+    with torch.no_grad():
+        expected = attn(x)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, pos = attn(x, return_positions=True)
+    assert pos.dtype == torch.float32
+    assert seen == [(torch.bfloat16,) * 3]
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.05)
