@@ -32,7 +32,8 @@ def sinusoidal_position_encoding(num_positions: int, dim: int, device=None, dtyp
 
 
 class FullAttention1D(nn.Module):
-    """Multi-head self-attention over all valid slices with ``F.scaled_dot_product_attention``.
+    """Multi-head self-attention over all valid slices with ``F.scaled_dot_product_attention`` (bias-free
+    query/key/value projection).
 
     Args:
         dim: token size.
@@ -161,7 +162,6 @@ class SliceAggregator(nn.Module):
         check_int("num_layers", num_layers, 0)
         check_int("ff_dim", ff_dim, 1)
         self.d_model = d_model
-        self.attention = attention
         self.position_encoding = attention == "full" if position_encoding is None else position_encoding
         self.layers = nn.ModuleList(
             SliceTransformerLayer(d_model, ff_dim, heads, dim_head, dropout, attention, deformable_kwargs)

@@ -273,7 +273,9 @@ class DeformableAttention1D(nn.Module):
         Args:
             x: ``(B, S, dim)`` tokens.
             valid: optional ``(B, S)`` bool, True at real slices (a prefix of every row).
-            return_positions: also return the sampling positions ``(B, heads, M)`` in slice units.
+            return_positions: also return the sampling positions ``(B, heads, M)`` in slice units, ``M`` the
+                number of points of ``S`` slices. A padded sequence has fewer points of its own: the entries
+                of the points it lacks are masked keys and mean nothing.
             return_attention: also return the attention over slices ``(B, heads, S, S)`` (float32, without
                 dropout): the softmax weights of the key/value points spread onto the slices they
                 interpolate, so that ``to_out(attention @ values)`` is the output in eval mode (``values``:

@@ -16,6 +16,8 @@ __all__ = ["MaskedSliceModeling"]
 class MaskedSliceModeling(nn.Module):
     """Mask token, mask sampling and decoder of the masked-slice objective.
 
+    The mask token is learned, initialised from ``N(0, 0.02^2)``; the decoder is a two-layer GELU MLP.
+
     Args:
         d_model: token size.
         mask_ratio: fraction of the valid slices of a volume to mask (rounded). Every volume with at least two

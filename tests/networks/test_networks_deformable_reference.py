@@ -92,6 +92,23 @@ def test_matches_reference(corrected_sampler, length, offset_gain):
     assert (pos - grid_points).abs().max() > (4.0 if offset_gain > 1 else 0.5)
 
 
+def test_defaults_are_the_authors_settings(corrected_sampler):
+    """Built with nothing but the token size, the module is the authors' (8 heads of 64, downsampling 4,
+    offset kernel 6, offset scale 2, the reference's position-bias MLP on log distances)."""
+    torch.manual_seed(0)
+    ref = reference.DeformableAttention1D(dim=DIM, **SETTINGS).eval()
+    with torch.no_grad():
+        ref.to_offsets[2].weight.mul_(30.0)
+    ours = DeformableAttention1D(DIM).eval()
+    load_reference_weights(ours, ref)
+    x = torch.randn(1, 64, DIM)
+    with torch.no_grad():
+        expected, expected_pos = _run_reference(ref, x)
+        out, pos = ours(x, return_positions=True)
+    torch.testing.assert_close(pos, expected_pos, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=ATOL)
+
+
 def test_offsets_in_slices_would_not_match(corrected_sampler):
     """The comparison notices the unit: offsets scaled to +/-2 slices (the old meaning) do not match."""
     ours, ref = _pair(30.0, offset_scale=2 * 15 / 64)  # 2 slices: a cell is 64 / 15 slices
