@@ -39,7 +39,7 @@ class SliceEncoder(nn.Module):
             concatenate them before the projection (the authors' choice); ``False`` uses ``layer4`` only.
         conv1_t_stride: stride of the 7x7 stem convolution. ``2`` is what ``ResNetFeatures`` and
             ``FlexibleUNet`` use, so pretrained filters see the scale they see after transfer; ``1`` keeps
-            full resolution in the stem at several times the compute (see ``scripts/bench_networks.py``).
+            full resolution in the stem at about 3x the time and memory of a training pass.
             The stride is not part of the state dict, so either value keeps the FlexibleUNet key set.
         gradient_checkpointing: recompute the stem and each stage in the backward pass instead of storing
             their activations (less memory, about one extra forward of compute). BatchNorm running
