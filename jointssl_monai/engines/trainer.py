@@ -29,6 +29,7 @@ from jointssl_monai.engines.utils import DIAGNOSTIC_SUFFIXES, batches_done_in_ep
 from jointssl_monai.networks import JointSSLNet
 from jointssl_monai.outputs import JointSSLOutput
 from jointssl_monai.utils.arguments import check_number
+from jointssl_monai.utils.precision import resolve_amp
 
 __all__ = ["JointSSLTrainer", "NonFiniteLossError"]
 
@@ -72,9 +73,11 @@ class JointSSLTrainer(Trainer):
         slices_per_sample: the slice budget ``S`` of a volume; intra memory-bank keys are
             ``dataset_index * S + slice_position``.
         epoch_length: iterations per epoch (default: the loader's length).
-        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast on the device's type; fp16 uses a gradient
-            scaler (``self.scaler``, a ``torch.amp.GradScaler`` of the device's type, disabled for the other
-            settings; save it in checkpoints to resume its scale).
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast on the device's type, or ``"auto"``: bf16 where
+            the device computes it natively, else none (:func:`~jointssl_monai.utils.precision.resolve_amp`;
+            ``self.amp`` holds the setting used); fp16 uses a gradient scaler (``self.scaler``, a
+            ``torch.amp.GradScaler`` of the device's type, disabled for the other settings; save it in
+            checkpoints to resume its scale).
         grad_clip_norm: clip the global gradient norm at this value (``None``: no clipping).
         non_blocking: non-blocking host-to-device copies.
         train_handlers: Ignite/MONAI handlers with an ``attach`` method.
@@ -105,8 +108,9 @@ class JointSSLTrainer(Trainer):
         nonfinite_policy: str = "stop",
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ) -> None:
-        if amp not in ("none", *_AMP_DTYPES):
-            raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+        if amp not in ("none", "auto", *_AMP_DTYPES):
+            raise ValueError(f"amp must be 'none', 'auto', 'bf16' or 'fp16', got {amp!r}")
+        amp = resolve_amp(amp, device)
         if nonfinite_policy not in ("stop", "skip"):
             raise ValueError(f"nonfinite_policy must be 'stop' or 'skip', got {nonfinite_policy!r}")
         if grad_clip_norm is not None:
@@ -129,6 +133,7 @@ class JointSSLTrainer(Trainer):
         self.optimizer = optimizer
         self.loss_function = loss_function
         self.slices_per_sample = slices_per_sample
+        self.amp = amp  # the resolved setting ("auto" has become "bf16" or "none")
         self.amp_dtype = _AMP_DTYPES.get(amp)
         self.grad_clip_norm = grad_clip_norm
         self.nonfinite_policy = nonfinite_policy

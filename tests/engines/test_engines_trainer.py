@@ -18,6 +18,7 @@ from jointssl_monai.engines import JointSSLTrainer, NonFiniteLossError, build_op
 from jointssl_monai.handlers import AtomicCheckpointSaver, PrototypeHandler
 from jointssl_monai.losses import JointSSLLoss
 from jointssl_monai.networks import JointSSLNet
+from jointssl_monai.utils import precision
 
 SLICES = 4
 
@@ -205,6 +206,23 @@ def test_bf16_autocast_runs_the_encoder_in_bf16_with_a_finite_loss_and_no_scaler
     assert torch.isfinite(trainer.state.output[0]["loss"])
     assert not trainer.scaler.is_enabled()  # bf16 keeps float32's exponent range
     assert all(p.dtype == torch.float32 for p in net.parameters())  # autocast, not a bf16 model
+
+
+@pytest.mark.parametrize(
+    "flags, expected", [(("avx2", "avx512_bf16"), torch.bfloat16), (("avx2",), torch.float32)]
+)
+def test_auto_amp_takes_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, flags, expected):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    net = tiny_net()
+    trainer = make_trainer(net, JointSSLLoss(), 1, amp="auto")
+    conv = next(m for m in net.encoder.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
+    dtypes = []
+    conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    trainer.run()
+    assert dtypes and set(dtypes) == {expected}
+    assert (
+        trainer.amp == ("bf16" if expected is torch.bfloat16 else "none") and not trainer.scaler.is_enabled()
+    )
 
 
 def test_fp16_scales_the_loss_and_unscales_before_clipping_on_the_trainers_device():

@@ -55,7 +55,7 @@ BAD = [
     ("weight_decay", -1e-4, "weight_decay must be a number >= 0, got -0.0001"),
     ("max_epochs", 0, "max_epochs must be an integer >= 1, got 0"),
     ("warmup_epochs", 200, "warmup_epochs must be <= max_epochs (100), got 200"),
-    ("amp", "fp8", "amp must be 'none', 'bf16' or 'fp16'"),
+    ("amp", "fp8", "amp must be 'none', 'auto', 'bf16' or 'fp16'"),
     ("grad_clip_norm", 0, "grad_clip_norm must be a number > 0, got 0"),
     ("cache", "gpu", "cache must be one of 'none', 'memory', 'disk'; got 'gpu'"),
     ("skip_bad_inputs", "yes", "skip_bad_inputs must be true or false, got 'yes'"),
