@@ -39,6 +39,7 @@ from jointssl_monai.apps.bench.loader import bench_loader, copy_sample_volumes
 from jointssl_monai.apps.bench.machine import describe_machine, matmul_flops_per_s
 from jointssl_monai.apps.bench.results import markdown_tables
 from jointssl_monai.apps.bench.step import STEP_CONFIGS, measure_steps
+from jointssl_monai.utils.precision import resolve_amp
 
 
 def main() -> None:
@@ -93,15 +94,16 @@ def main() -> None:
 
 
 def _loader(results: dict, copies: int) -> dict:
-    """The loader on the demo configuration's shape, against what its default (batched float32) step consumes;
-    uses the demo step's time when it was measured in this run."""
+    """The loader on the demo configuration's shape, against what the bundle's default step consumes there
+    (``amp`` "auto", channels-last); uses the demo step's time when it was measured in this run."""
     config = STEP_CONFIGS["demo"]
     block: dict = {"num_slices": config["slices"], "size": config["size"]}
     block["volumes_per_batch"] = config["volumes"]
     demo = results["steps"].get("demo")
     if demo is not None:
         cases = demo["cases"]
-        default = next(c for c in cases if (c["plain"], c["amp"], c["channels_last"]) == (0, "none", 0))
+        amp = resolve_amp("auto", results["machine"]["device"])
+        default = next(c for c in cases if (c["plain"], c["amp"], c["channels_last"]) == (0, amp, 1))
         block["step_consumes_volumes_per_s"] = config["volumes"] / statistics.median(default["seconds"])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

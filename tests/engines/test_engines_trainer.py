@@ -13,6 +13,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader
+from torch import nn
 
 from jointssl_monai.engines import JointSSLTrainer, NonFiniteLossError, build_optimizer
 from jointssl_monai.handlers import AtomicCheckpointSaver, PrototypeHandler
@@ -195,34 +196,35 @@ def test_grad_clip_norm_clips_the_gradient_and_the_step_to_the_limit():
         torch.testing.assert_close(step, 0.1 * clipped.grads[name], rtol=1e-3, atol=1e-6, msg=name)
 
 
-def test_bf16_autocast_runs_the_encoder_in_bf16_with_a_finite_loss_and_no_scaler():
+def run_recording_conv_dtypes(amp: str) -> tuple[JointSSLTrainer, nn.Module, set[torch.dtype]]:
+    """Run one epoch of a tiny network; return the dtypes its first convolution's outputs had."""
     net = tiny_net()
-    trainer = make_trainer(net, JointSSLLoss(), 1, amp="bf16")
+    trainer = make_trainer(net, JointSSLLoss(), 1, amp=amp)
     conv = next(m for m in net.encoder.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
     dtypes = []
     conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     trainer.run()
-    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert dtypes
+    return trainer, net, set(dtypes)
+
+
+def test_bf16_autocast_runs_the_encoder_in_bf16_with_a_finite_loss_and_no_scaler():
+    trainer, net, dtypes = run_recording_conv_dtypes("bf16")
+    assert dtypes == {torch.bfloat16}
     assert torch.isfinite(trainer.state.output[0]["loss"])
     assert not trainer.scaler.is_enabled()  # bf16 keeps float32's exponent range
     assert all(p.dtype == torch.float32 for p in net.parameters())  # autocast, not a bf16 model
 
 
-@pytest.mark.parametrize(
-    "flags, expected", [(("avx2", "avx512_bf16"), torch.bfloat16), (("avx2",), torch.float32)]
-)
+NATIVE_BF16, NO_BF16 = ("avx2", "avx512_bf16"), ("avx2",)
+
+
+@pytest.mark.parametrize("flags, expected", [(NATIVE_BF16, torch.bfloat16), (NO_BF16, torch.float32)])
 def test_auto_amp_takes_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, flags, expected):
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
-    net = tiny_net()
-    trainer = make_trainer(net, JointSSLLoss(), 1, amp="auto")
-    conv = next(m for m in net.encoder.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
-    dtypes = []
-    conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
-    trainer.run()
-    assert dtypes and set(dtypes) == {expected}
-    assert (
-        trainer.amp == ("bf16" if expected is torch.bfloat16 else "none") and not trainer.scaler.is_enabled()
-    )
+    trainer, _, dtypes = run_recording_conv_dtypes("auto")
+    assert dtypes == {expected} and not trainer.scaler.is_enabled()
+    assert trainer.amp == ("bf16" if expected is torch.bfloat16 else "none")
 
 
 def test_fp16_scales_the_loss_and_unscales_before_clipping_on_the_trainers_device():
