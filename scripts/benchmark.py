@@ -10,6 +10,7 @@ Measures, on one machine and in one process:
   the default step of the demo configuration consumes;
 - bf16 autocast against float32 on real data: short demo pretraining runs, 3 seeds each, loss curves
   compared with the spread between seeds;
+- on a GPU, the largest number of volumes one default step takes, and the memory a volume costs;
 - spherical k-means (100,000 x 128 into 3,000, 10 iterations) against faiss-cpu, and Sinkhorn-Knopp;
 - with ``--authors_dir``, the authors' ``ResNet_Trans`` step at the paper configuration's shape, interleaved
   with ours (their ``utils/models.py`` imported unchanged; it needs ``einops`` and ``deformable-attention``).
@@ -34,11 +35,12 @@ from pathlib import Path
 import torch
 
 from jointssl_monai.apps.bench.amp_check import run_amp_check
+from jointssl_monai.apps.bench.capacity import largest_fitting
 from jointssl_monai.apps.bench.clustering import bench_kmeans, bench_sinkhorn
 from jointssl_monai.apps.bench.loader import bench_loader, copy_sample_volumes
 from jointssl_monai.apps.bench.machine import describe_machine, matmul_flops_per_s
 from jointssl_monai.apps.bench.results import markdown_tables
-from jointssl_monai.apps.bench.step import STEP_CONFIGS, measure_steps
+from jointssl_monai.apps.bench.step import STEP_CONFIGS, build_step, measure_steps
 from jointssl_monai.utils.precision import resolve_amp
 
 
@@ -78,6 +80,16 @@ def main() -> None:
         for case in results["steps"][name]["cases"]:
             print(f"{name} {case['case']}: {case['median_s']:.3f} s/step", flush=True)
 
+    if device.type == "cuda":  # on a CPU running out of memory ends the process instead of raising
+        amp = resolve_amp("auto", device)
+        results["largest_batch"] = {
+            name: largest_fitting(
+                lambda n, name=name: build_step(name, amp, True, device=device, volumes=n).run, device=device
+            )
+            for name in args.configs
+        }
+        results["largest_batch_device_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+        _save(results, args.output)
     if "loader" not in args.skip:
         results["loader"] = _loader(results, args.loader_copies)
         _save(results, args.output)

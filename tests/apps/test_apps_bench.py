@@ -15,6 +15,7 @@ import torch
 from jointssl_monai.apps.bench import machine
 from jointssl_monai.apps.bench.amp_check import compare_curves
 from jointssl_monai.apps.bench.authors import AuthorsStep
+from jointssl_monai.apps.bench.capacity import is_out_of_memory, largest_fitting
 from jointssl_monai.apps.bench.clustering import bench_kmeans
 from jointssl_monai.apps.bench.loader import bench_loader, copy_sample_volumes
 from jointssl_monai.apps.bench.machine import PeakMemory
@@ -275,7 +276,7 @@ def test_authors_step_trains_their_model_on_two_views(authors_dir):
     assert all(not torch.equal(a, b) for a, b in zip(before, step.model.parameters(), strict=True))
     step.model.prototypes.prototypes0.weight.data.mul_(3.0)
     step.run()  # each step starts by putting the prototypes back on the unit sphere, as theirs does
-    norms = torch.linalg.vector_norm(step.model.prototypes.prototypes0.weight, dim=1)
+    norms = torch.linalg.vector_norm(step.model.prototypes.prototypes0.weight.detach(), dim=1)
     assert float((norms - 1).abs().max()) < 0.2  # one SGD step away from unit length, not 3
     with pytest.raises(FileNotFoundError, match="checkout of the authors"):
         AuthorsStep(authors_dir / "missing", TINY)
@@ -313,3 +314,52 @@ def test_compare_curves_measures_the_gap_in_seed_spreads():
     assert not compare_curves({"none": fp32, "bf16": far})["within_seed_noise"]
     with pytest.raises(ValueError, match="same seeds"):
         compare_curves({"none": fp32, "bf16": close[:2]})
+
+
+def _steps_up_to(fitting: int, made: list[int]):
+    def step_for(n: int):
+        made.append(n)
+
+        def step():
+            if n > fitting:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        return step
+
+    return step_for
+
+
+def test_largest_fitting_doubles_then_bisects():
+    made: list[int] = []
+    result = largest_fitting(_steps_up_to(37, made), limit=1024, device="cpu")
+    assert result["largest"] == 37
+    assert made == [1, 2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37]
+    assert [n for n, fitted in result["tries"].items() if not fitted] == [64, 48, 40, 38]
+    # the limit caps the search; nothing that fits gives 0
+    assert largest_fitting(_steps_up_to(100, []), limit=20, device="cpu")["largest"] == 20
+    assert largest_fitting(_steps_up_to(0, []), limit=8, device="cpu") == {
+        "largest": 0, "tries": {1: False}, "gib_per_volume": None,
+    }  # fmt: skip
+
+
+def test_largest_fitting_lets_other_errors_through():
+    def step_for(n: int):
+        def step():
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+        return step
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        largest_fitting(step_for, limit=4, device="cpu")
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory")) and is_out_of_memory(MemoryError())
+
+
+def test_largest_batch_lines_and_a_step_of_more_volumes(tiny):
+    results = _results()
+    results["largest_batch"] = {"demo": {"largest": 37, "tries": {}, "gib_per_volume": 1.5}}
+    results["largest_batch_device_gib"] = 79.6
+    line = "- largest demo step on this 80 GiB device: 37 volumes, 1.50 GiB per volume"
+    assert line in markdown_tables(results)
+    step = build_step(tiny, volumes=3)
+    assert step.batch["volume_views"][0].shape[0] == 3 and step.batch["num_slices"].tolist() == [4, 4, 4]
+    assert STEP_CONFIGS[tiny]["volumes"] == 2  # the configuration itself is left as it was

@@ -102,6 +102,19 @@ def amp_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def largest_batch_lines(results: dict[str, Any]) -> str:
+    """The largest default step per configuration on the GPU, and its memory per volume."""
+    total = results["largest_batch_device_gib"]
+    lines = []
+    for config, found in results["largest_batch"].items():
+        per_volume = found["gib_per_volume"]
+        cost = f", {per_volume:.2f} GiB per volume" if per_volume is not None else ""
+        lines.append(
+            f"- largest {config} step on this {total:.0f} GiB device: {found['largest']} volumes{cost}"
+        )
+    return "\n".join(lines)
+
+
 def markdown_tables(results: dict[str, Any]) -> str:
     """Everything the README shows of a benchmark run."""
     parts = [f"Machine: {_machine_line(results['machine'])}.", step_table(results)]
@@ -109,6 +122,8 @@ def markdown_tables(results: dict[str, Any]) -> str:
         parts.append(loader_table(results))
     if "amp_check" in results:
         parts.append(amp_table(results))
+    if "largest_batch" in results:
+        parts.append(largest_batch_lines(results))
     if "kmeans" in results:
         parts.append(clustering_lines(results))
     return "\n\n".join(parts) + "\n"

@@ -135,6 +135,7 @@ def build_step(
     plain: bool = False,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    volumes: int | None = None,
 ) -> StepCase:
     """Build the network, joint loss, AdamW optimiser and trainer of a :data:`STEP_CONFIGS` configuration.
 
@@ -145,8 +146,11 @@ def build_step(
         plain: the plain-loop baseline (:class:`PlainLoopJointSSLNet`) instead of the batched network.
         device: where to run.
         seed: initialisation and batch seed (the same for every case, so cases differ only in the setting).
+        volumes: volumes per step instead of the configuration's (the largest-batch search).
     """
     config = STEP_CONFIGS[config_name]
+    if volumes is not None:
+        config = {**config, "volumes": volumes}
     device = torch.device(device)
     torch.manual_seed(seed)
     rows = (config["volumes"] + config["images"]) * config["slices"]
