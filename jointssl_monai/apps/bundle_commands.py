@@ -121,14 +121,15 @@ def run_demo(
     output_dir: str | os.PathLike = "runs/demo",
     bundle_dir: str | os.PathLike | None = None,
     max_epochs: int | None = None,
+    report: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Pretrain the bundle on the real demo images and return a summary (also printed by the CLI).
 
     The demo data set is built from images that ship with installed packages (see
     :data:`jointssl_monai.apps.sample_data.DEMO_SAMPLES`); the run is a real
-    ``python -m monai.bundle run training`` of ``bundle/configs/pretrain.json`` with :data:`DEMO_OVERRIDES`,
-    writing under ``output_dir``.
+    ``python -m monai.bundle run training`` of ``bundle/configs/pretrain.json`` with :data:`DEMO_OVERRIDES`
+    (and ``overrides``), writing under ``output_dir``; ``report=False`` skips the page of figures.
     """
     bundle = find_bundle_dir(bundle_dir)
     output = Path(output_dir).absolute()
@@ -149,12 +150,14 @@ def run_demo(
     policy = settings.get("slice_policy", "center")
     report_command = f"jointssl report {shlex.quote(str(output))} --output "
     report_command += f"{shlex.quote(str(output / 'report'))} --slice_policy {policy}"
-    try:
-        from jointssl_monai.apps.report import make_report
+    page = f"not asked for; make it with: {report_command}"
+    if report:
+        try:
+            from jointssl_monai.apps.report import make_report
 
-        report = str(make_report(output, output / "report", slice_policy=policy))
-    except Exception as err:  # the run is done and saved: say why there is no page, and how to make it
-        report = f"not made ({type(err).__name__}: {err}); make it with: {report_command}"
+            page = str(make_report(output, output / "report", slice_policy=policy))
+        except Exception as err:  # the run is done and saved: say why there is no page, and how to make it
+            page = f"not made ({type(err).__name__}: {err}); make it with: {report_command}"
     return {
         "data": f"{sum(e['dims'] == 3 for e in entries)} volumes and {sum(e['dims'] == 2 for e in entries)} "
         f"2D images ({', '.join(e['sample'] for e in entries)})",
@@ -166,7 +169,7 @@ def run_demo(
         "checkpoints": str(output / "models" / "ssl" / "checkpoints"),
         "tensorboard_logs": str(output / "runs" / "pretrain"),
         "loss_history": str(output / "runs" / "pretrain" / "history.json"),
-        "report": report,
+        "report": page,
     }
 
 

@@ -12,23 +12,30 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BF16_CPU_FLAGS", "bf16_native", "cpu_flags", "resolve_amp"]
+__all__ = ["BF16_CPU_FLAGS", "bf16_native", "cpu_fields", "cpu_flags", "resolve_amp"]
 
 #: CPU flags that give bfloat16 matrix products in hardware (AVX-512 BF16, AMX).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @lru_cache(maxsize=1)
-def cpu_flags() -> tuple[str, ...]:
-    """The first core's flags in ``/proc/cpuinfo`` (empty where there is no such file)."""
+def cpu_fields() -> dict[str, str]:
+    """The first core's fields in ``/proc/cpuinfo`` (``"model name"``, ``"flags"``, ...; empty where there is
+    no such file)."""
     cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return ()
-    for line in cpuinfo.read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return tuple(value.split())
-    return ()
+    fields: dict[str, str] = {}
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if not line.strip():
+                break  # the blank line that ends the first core's block
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags() -> tuple[str, ...]:
+    """The first core's CPU flags (empty where ``/proc/cpuinfo`` is missing)."""
+    return tuple(cpu_fields().get("flags", "").split())
 
 
 def bf16_native(device: torch.device | str = "cpu") -> bool:

@@ -4,6 +4,7 @@ say what the numbers say."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jointssl_monai.apps.bench import machine
+from jointssl_monai.apps.bench import amp_check, machine
 from jointssl_monai.apps.bench.amp_check import compare_curves
 from jointssl_monai.apps.bench.authors import AuthorsStep
 from jointssl_monai.apps.bench.capacity import is_out_of_memory, largest_fitting
@@ -363,3 +364,30 @@ def test_largest_batch_lines_and_a_step_of_more_volumes(tiny):
     step = build_step(tiny, volumes=3)
     assert step.batch["volume_views"][0].shape[0] == 3 and step.batch["num_slices"].tolist() == [4, 4, 4]
     assert STEP_CONFIGS[tiny]["volumes"] == 2  # the configuration itself is left as it was
+
+
+def test_amp_check_runs_the_demo_per_seed_under_both_settings(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run_demo(output, max_epochs, report, amp, seed):
+        calls.append((seed, amp, max_epochs, report))
+        history = Path(output) / "history.json"
+        history.parent.mkdir(parents=True)
+        offset = 0.1 if amp == "bf16" else 0.0
+        epochs = [{"epoch": e, "loss": 5.0 - e + seed + offset, "other": 1.0} for e in range(max_epochs)]
+        history.write_text(json.dumps({"epochs": epochs}))
+        return {"minutes": 0.5, "loss_history": str(history)}
+
+    monkeypatch.setattr(amp_check, "run_demo", fake_run_demo)
+    report = amp_check.run_amp_check(tmp_path, seeds=(0, 1), max_epochs=3)
+    assert calls == [
+        (0, "none", 3, False),
+        (0, "bf16", 3, False),
+        (1, "none", 3, False),
+        (1, "bf16", 3, False),
+    ]
+    assert report["curves"]["bf16"][1] == [{"loss": 6.1}, {"loss": 5.1}, {"loss": 4.1}]
+    assert report["losses"]["loss"]["last_gap"] == pytest.approx(0.1) and report["minutes"]["none"] == [
+        0.5,
+        0.5,
+    ]

@@ -6,17 +6,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
-from jointssl_monai.apps.bundle_commands import (
-    DEMO_OVERRIDES,
-    find_bundle_dir,
-    pretrain_command,
-    run_bundle_process,
-)
-from jointssl_monai.apps.sample_data import demo_datalist
+from jointssl_monai.apps.bundle_commands import run_demo
 
 __all__ = ["compare_curves", "run_amp_check"]
 
@@ -72,26 +65,17 @@ def compare_curves(curves: dict[str, list[list[dict[str, float]]]]) -> dict[str,
 def run_amp_check(
     work_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), max_epochs: int = 20
 ) -> dict[str, Any]:
-    """Pretrain the demo under ``amp="none"`` and ``amp="bf16"`` for each seed (interleaved: seed 0 both
-    settings, then seed 1, ...), and compare the loss curves (:func:`compare_curves`)."""
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    datalist = work_dir / "datalist.json"
-    datalist.write_text(json.dumps({"training": demo_datalist()}, indent=2))
-    config = find_bundle_dir() / "configs" / "pretrain.json"
+    """Pretrain the demo (:func:`~jointssl_monai.apps.bundle_commands.run_demo`) under ``amp="none"`` and
+    ``amp="bf16"`` for each seed (interleaved: seed 0 both settings, then seed 1, ...), and compare the loss
+    curves (:func:`compare_curves`)."""
     curves: dict[str, list[list[dict[str, float]]]] = {"none": [], "bf16": []}
     minutes: dict[str, list[float]] = {"none": [], "bf16": []}
     for seed in seeds:
         for amp in ("none", "bf16"):
-            output = work_dir / f"{amp}_seed{seed}"
-            settings = {
-                **DEMO_OVERRIDES, "amp": amp, "seed": seed, "max_epochs": max_epochs,
-                "bundle_root": str(output), "datalist": str(datalist),
-            }  # fmt: skip
-            start = time.perf_counter()
-            run_bundle_process(pretrain_command([config], settings))
-            minutes[amp].append((time.perf_counter() - start) / 60)
-            history = json.loads((output / "runs" / "pretrain" / "history.json").read_text())["epochs"]
+            output = Path(work_dir) / f"{amp}_seed{seed}"
+            run = run_demo(output, max_epochs=max_epochs, report=False, amp=amp, seed=seed)
+            minutes[amp].append(run["minutes"])
+            history = json.loads(Path(run["loss_history"]).read_text())["epochs"]
             curves[amp].append([{k: e[k] for k in LOSS_KEYS if k in e} for e in history])
     report = compare_curves(curves)
     report.update({"max_epochs": max_epochs, "seed_list": list(seeds), "minutes": minutes, "curves": curves})

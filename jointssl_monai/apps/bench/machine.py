@@ -16,20 +16,13 @@ import monai
 import torch
 
 from jointssl_monai.apps.bench.timing import time_call
-from jointssl_monai.utils.precision import bf16_native, cpu_flags
+from jointssl_monai.utils.precision import bf16_native, cpu_fields, cpu_flags
 
 __all__ = ["PeakMemory", "describe_machine", "matmul_flops_per_s"]
 
 
 def _cpu_info() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-                break
+    model = cpu_fields().get("model name") or platform.processor() or platform.machine()
     # the flags that decide the fast paths, not all ~150
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
     return {"model": model, "flags": flags}

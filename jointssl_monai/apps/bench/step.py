@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from jointssl_monai.apps.bench.machine import PeakMemory
 from jointssl_monai.apps.bench.timing import interleaved_times, paired_ratio
 from jointssl_monai.engines import JointSSLTrainer, build_optimizer
+from jointssl_monai.engines.utils import prepare_ssl_batch
 from jointssl_monai.losses import JointSSLLoss
 from jointssl_monai.networks import JointSSLNet
 
@@ -104,7 +105,6 @@ class StepCase:
     """One benchmark case: ``run()`` performs a full training step and returns its loss."""
 
     name: str
-    config: dict[str, Any]
     amp: str
     channels_last: bool
     plain: bool
@@ -166,7 +166,7 @@ def build_step(
         intra_prototypes=loss.prototype_heads("intra"), inter_prototypes=loss.prototype_heads("inter"),
         channels_last=channels_last,
     ).to(device)  # fmt: skip
-    batch = _to_device(synthetic_batch(config, seed), device)
+    batch = prepare_ssl_batch(synthetic_batch(config, seed), device)
     trainer = JointSSLTrainer(
         device=device, max_epochs=1, train_data_loader=[batch], network=net,
         optimizer=build_optimizer(net, "adamw", lr=1e-3), loss_function=loss,
@@ -174,18 +174,7 @@ def build_step(
     )  # fmt: skip
     name = f"{config_name} {'plain loop' if plain else 'batched'} {amp if amp != 'none' else 'fp32'}"
     name += " channels-last" if channels_last else ""
-    return StepCase(name, config, amp, channels_last, plain, trainer, batch)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    def move(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return x.to(device)
-        if isinstance(x, list):
-            return [move(v) for v in x]
-        return x
-
-    return {k: move(v) for k, v in batch.items()}
+    return StepCase(name, amp, channels_last, plain, trainer, batch)
 
 
 def step_variants(device: torch.device | str) -> list[dict[str, Any]]:
