@@ -335,19 +335,33 @@ def _excluded(rel: PurePosixPath, patterns: Sequence[str]) -> bool:
     return False
 
 
+def _large_file_paths(bundle_dir: Path) -> set[str]:
+    """The bundle-relative paths the ``large_files`` list names (checked by :func:`verify_large_files`)."""
+    list_file = _find_large_files_list(bundle_dir)
+    if list_file is None:
+        return set()
+    verify_large_files(bundle_dir, require_files=False)  # well-formed, inside the bundle, with hashes
+    text = list_file.read_text()
+    content = json.loads(text) if list_file.suffix == ".json" else yaml.safe_load(text)
+    return {PurePosixPath(entry["path"].replace("\\", "/")).as_posix() for entry in content["large_files"]}
+
+
 def package_bundle(
     bundle_dir: str | os.PathLike,
     output_zip: str | os.PathLike,
     name: str,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     include_ssl: bool = False,
+    include_large_files: bool = False,
 ) -> Path:
     """Write a deterministic model-zoo style zip (``<name>/configs/...``) of a bundle folder.
 
     Entries are sorted, stamped with a fixed time and mode, and compressed with a fixed level, so packaging
     the same files twice gives the same bytes (and the same hash to publish). The zip is written to a
     temporary file and renamed into place, readable by everyone (mode 0644, as a published file should be).
-    Run outputs (TensorBoard logs, evaluation outputs, caches, TorchScript exports, checkpoints) are left out.
+    Run outputs (TensorBoard logs, evaluation outputs, caches, TorchScript exports, checkpoints) are left out,
+    and so are the files the bundle's ``large_files`` list names: a release publishes them beside the zip, and
+    ``python -m monai.bundle download_large_files`` fetches and checks them (as model-zoo releases do).
 
     Args:
         bundle_dir: the bundle root (must hold ``configs/metadata.json``).
@@ -357,6 +371,7 @@ def package_bundle(
         exclude: patterns of paths to leave out, see :data:`DEFAULT_EXCLUDE`.
         include_ssl: also package ``models/ssl`` (the pretrained encoder, its card and the aggregator; never
             its checkpoints), for a release that ships the self-supervised weights.
+        include_large_files: also package the files of the ``large_files`` list (a zip that works offline).
 
     Returns:
         ``output_zip`` as a :class:`~pathlib.Path`.
@@ -371,13 +386,14 @@ def package_bundle(
         raise ValueError(f"{bundle_dir} is not a bundle: configs/metadata.json is missing")
     output_real = output_zip.resolve()
     exclude = tuple(exclude) if include_ssl else (*exclude, SSL_OUTPUTS)
+    large = set() if include_large_files else _large_file_paths(bundle_dir)
     files: list[tuple[str, Path]] = []
     for folder, dirnames, filenames in os.walk(bundle_dir):
         folder_path = Path(folder)
         for entry in sorted(dirnames) + sorted(filenames):
             path = folder_path / entry
             rel = PurePosixPath(path.relative_to(bundle_dir).as_posix())
-            if _excluded(rel, exclude) or path.resolve() == output_real:
+            if _excluded(rel, exclude) or rel.as_posix() in large or path.resolve() == output_real:
                 if entry in dirnames:
                     dirnames.remove(entry)
                 continue

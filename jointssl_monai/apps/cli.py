@@ -117,17 +117,22 @@ class JointSSLCommands:
         output: str | None = None,
         name: str = "jointssl_brain_extraction",
         include_ssl: bool = False,
+        include_large_files: bool = False,
     ) -> dict:
         """Zip the bundle like a model-zoo release (``<name>/configs/...``, deterministic) with its sha256.
 
         Run outputs are left out; ``--include_ssl True`` also ships ``models/ssl`` (encoder, card,
-        aggregator; never its checkpoints).
+        aggregator; never its checkpoints). The files of ``large_files.yml`` are left out too (publish them
+        beside the zip at the URLs listed there) unless ``--include_large_files True``.
         """
         import hashlib
 
         from jointssl_monai.apps.bundle_release import package_bundle
 
-        path = package_bundle(bundle_dir, output or f"{name}.zip", name, include_ssl=include_ssl)
+        path = package_bundle(
+            bundle_dir, output or f"{name}.zip", name, include_ssl=include_ssl,
+            include_large_files=include_large_files,
+        )  # fmt: skip
         return {"zip": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
     def report(

@@ -38,7 +38,8 @@ def colin27_both_ways(tmp_path_factory, colin27_t1, colin27_brain):
     parser = ConfigParser()
     parser.read_config(str(TRAIN_CONFIG))
     parser["pixdim"] = list(PIXDIM)
-    parser["sample_dir"] = str(tmp_path_factory.mktemp("labels"))
+    parser["bundle_root"] = str(TRAIN_CONFIG.parents[1])  # the bundle's shared settings (configs/common.json)
+    parser["dataset_dir"] = str(tmp_path_factory.mktemp("labels"))
     (item,) = parser.get_parsed_content("train#dataset#data")  # Colin27 T1 and its brain mask
     assert Path(item["image"]) == Path(colin27_t1)
     finetune = Compose(parser.get_parsed_content("train#deterministic_transforms"))(item)

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import monai.bundle
+import nibabel as nib
+import numpy as np
 import pytest
 import yaml
 from monai.apps.utils import HashCheckError
@@ -23,6 +28,7 @@ from jointssl_monai.apps.bundle_release import (
     package_bundle,
     verify_large_files,
 )
+from jointssl_monai.apps.sample_datalists import binary_mask_file
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundle"
 NAME = "jointssl_monai"
@@ -66,7 +72,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 def _publish(tmp_path: Path, served: Path, base_url: str) -> tuple[Path, Path]:
     """Package the project's bundle with one large file (served beside the zip, listed with its sha256)."""
     source = tmp_path / "src" / NAME
-    shutil.copytree(BUNDLE, source)
+    shutil.copytree(BUNDLE, source, ignore=shutil.ignore_patterns("models", "eval"))
     (served / "encoder.pt").write_bytes(WEIGHTS)
     entry = {
         "path": "models/ssl/encoder.pt",
@@ -122,6 +128,65 @@ def test_fetch_bundle_checks_hash_top_folder_and_paths(tmp_path, http_server):
         fetch_bundle(f"{base_url}/evil.zip", tmp_path / "evil", NAME)
     assert sorted((tmp_path / "evil").iterdir()) == []
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def _monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle ...`` as a user types it; the result, whatever its exit status."""
+    command = [sys.executable, "-m", "monai.bundle", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=900, check=False)
+
+
+@pytest.mark.slow  # about 40 s: a real inference with the released model on 2 CPU cores
+def test_the_release_downloads_like_a_zoo_bundle_and_infers(tmp_path, http_server, itk_t1, itk_t1_skullstrip):
+    """The release as published: a zip without weights, the weights beside it at the URLs and with the
+    hashes of the committed ``large_files.yml``; MONAI's own commands fetch both, then inference runs from
+    the downloaded copy."""
+    served, base_url = http_server
+    source = tmp_path / "src" / NAME
+    shutil.copytree(BUNDLE, source, ignore=shutil.ignore_patterns("eval"))
+    listing = yaml.safe_load((source / "large_files.yml").read_text())["large_files"]
+    assert sorted(entry["path"] for entry in listing) == ["models/model.pt", "models/ssl/encoder.pt"]
+    for entry in listing:  # published at this server instead of the release's host
+        shutil.copyfile(source / entry["path"], served / Path(entry["path"]).name)
+        entry["url"] = f"{base_url}/{Path(entry['path']).name}"
+    (source / "large_files.yml").write_text(yaml.safe_dump({"large_files": listing}))
+    archive = package_bundle(source, served / f"{NAME}.zip", NAME)
+    assert not [name for name in zipfile.ZipFile(archive).namelist() if name.endswith(".pt")]
+
+    bundles = tmp_path / "bundles"
+    for args in (
+        ("download", "--name", NAME, "--url", f"{base_url}/{archive.name}", "--bundle_dir", str(bundles)),
+        ("download_large_files", "--bundle_path", str(bundles / NAME)),
+    ):
+        result = _monai_bundle(*args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    downloaded = bundles / NAME
+    # the committed hashes are those of the committed weights, and the download matches them
+    assert sorted(verify_large_files(downloaded)) == sorted(
+        (downloaded / entry["path"]).resolve() for entry in listing
+    )
+    config = str(downloaded / "configs" / "inference.json")
+    result = _monai_bundle("run", "--config_file", config, "--bundle_root", str(downloaded), cwd=downloaded)
+    assert result.returncode == 0, result.stderr[-3000:]
+    labels = nib.load(str(downloaded / "eval" / "KmeansTest_T1UCharRaw_seg.nii.gz"))
+    assert labels.shape == nib.load(str(itk_t1)).shape
+    mask = (
+        np.asarray(nib.load(str(binary_mask_file(itk_t1_skullstrip, tmp_path / "mask.nii.gz"))).dataobj) > 0
+    )
+    predicted = np.asarray(labels.dataobj) > 0
+    dice = 2 * np.logical_and(mask, predicted).sum() / (mask.sum() + predicted.sum())
+    reported = json.loads((downloaded / "configs" / "metadata.json").read_text())["eval_metrics"]["mean_dice"]
+    assert abs(dice - reported) < 0.02, (dice, reported)  # the card's number is what the download gives
+
+    weights = bytearray((served / "model.pt").read_bytes())
+    weights[len(weights) // 2] ^= 0xFF  # one flipped byte in the middle of the tensors
+    (served / "model.pt").write_bytes(bytes(weights))
+    tampered = tmp_path / "tampered"
+    _monai_bundle("download", "--name", NAME, "--url", f"{base_url}/{archive.name}", "--bundle_dir",
+                  str(tampered), cwd=tmp_path)  # fmt: skip
+    result = _monai_bundle("download_large_files", "--bundle_path", str(tampered / NAME), cwd=tmp_path)
+    assert result.returncode != 0 and "hash check of downloaded file failed" in result.stderr
+    assert not (tampered / NAME / "models" / "model.pt").exists()
 
 
 def _bundle_with_large_files(tmp_path: Path, entries: list) -> Path:

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from jointssl_monai.apps.bundle_release import (
     RATIO_MIN_BYTES,
@@ -45,8 +46,15 @@ def bundle_copy(tmp_path) -> Path:
     for rel in junk:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"junk")
-    (root / "models" / "ssl" / "encoder.pt").write_bytes(b"kept: published SSL weights")
     return root
+
+
+def _released(rel: str) -> bool:
+    """Files a default package leaves out: the large files (published beside the zip) and ``models/ssl``."""
+    large = {
+        entry["path"] for entry in yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]
+    }
+    return rel in large or rel.startswith("models/ssl/")
 
 
 def test_package_is_deterministic_sorted_and_excludes_run_outputs(bundle_copy, tmp_path):
@@ -59,13 +67,25 @@ def test_package_is_deterministic_sorted_and_excludes_run_outputs(bundle_copy, t
         names = archive.namelist()
         assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
     assert names == sorted(names)
-    assert set(names) == {f"{NAME}/{rel}" for rel in _tree(BUNDLE)}  # no run output, no SSL weights
+    # no run output, no weights: the large files travel beside the zip, models/ssl only when asked for
+    assert set(names) == {f"{NAME}/{rel}" for rel in _tree(BUNDLE) if not _released(rel)}
     assert f"{NAME}/configs/metadata.json" in names
     assert list(tmp_path.joinpath("a").iterdir()) == [first], "no temporary file left next to the zip"
     assert stat.S_IMODE(first.stat().st_mode) == 0o644, "a release must be readable by everyone"
     with_ssl = package_bundle(bundle_copy, tmp_path / "c" / f"{NAME}.zip", NAME, include_ssl=True)
     ssl_names = set(zipfile.ZipFile(with_ssl).namelist()) - set(names)
-    assert ssl_names == {f"{NAME}/models/ssl/encoder.pt"}  # never the checkpoints
+    assert ssl_names == {f"{NAME}/models/ssl/encoder.json"}  # the card; never the checkpoints
+    everything = package_bundle(
+        bundle_copy, tmp_path / "d" / f"{NAME}.zip", NAME, include_ssl=True, include_large_files=True
+    )
+    large_names = set(zipfile.ZipFile(everything).namelist()) - set(names) - ssl_names
+    assert large_names == {f"{NAME}/models/model.pt", f"{NAME}/models/ssl/encoder.pt"}
+
+
+def test_package_refuses_a_large_file_that_is_not_the_listed_one(bundle_copy, tmp_path):
+    (bundle_copy / "models" / "model.pt").write_bytes(b"weights from another run")
+    with pytest.raises(BundleArchiveError, match=r"large_files\[\d\] \(path 'models/model.pt'\): sha256 is"):
+        package_bundle(bundle_copy, tmp_path / "x.zip", NAME)
 
 
 def test_package_into_the_bundle_itself_and_bad_names(bundle_copy, tmp_path):
@@ -82,10 +102,12 @@ def test_package_into_the_bundle_itself_and_bad_names(bundle_copy, tmp_path):
 
 
 def test_packaged_bundle_extracts_to_the_same_files(bundle_copy, tmp_path):
-    archive = package_bundle(bundle_copy, tmp_path / f"{NAME}.zip", NAME, include_ssl=True)
+    archive = package_bundle(
+        bundle_copy, tmp_path / f"{NAME}.zip", NAME, include_ssl=True, include_large_files=True
+    )
     out = safe_extract_zip(archive, tmp_path / "out", expected_top=NAME)
     assert out == tmp_path / "out" / NAME
-    assert _tree(out) == _tree(BUNDLE) | {"models/ssl/encoder.pt": b"kept: published SSL weights"}
+    assert _tree(out) == _tree(BUNDLE)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [NAME], "no staging folder left"
     with pytest.raises(FileExistsError, match=NAME):
         safe_extract_zip(archive, tmp_path / "out", expected_top=NAME)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,7 @@ def _ssl_encoder(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def trained_bundle(tmp_path_factory, colin27_t1, colin27_brain, itk_t1, itk_t1_skullstrip):
     root = tmp_path_factory.mktemp("bundle")
+    shutil.copytree(CONFIGS, root / "configs")  # a copy of the bundle: its bundle_root holds the configs
     ssl = _ssl_encoder(root / "models" / "ssl" / "encoder.pt")
     log = _bundle(
         "training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(root), *SMALL,

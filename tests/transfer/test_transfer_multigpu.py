@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +20,14 @@ CONFIGS = ROOT / "bundle" / "configs"
 HELPERS = ROOT / "tests" / "engines"
 SMALL = [
     "--backbone", "resnet10", "--roi_size", "[32,32,32]", "--train#trainer#max_epochs", "2",
-    "--val_interval", "2", "--validate#inferer#overlap", "0",
+    "--val_interval", "2", "--validate#inferer#overlap", "0", "--ssl_pretrained", "False",
     # AdamW's first steps are g / (|g| + eps): the float rounding of near-zero gradients becomes steps of up
     # to the learning rate (measured: 7e-6 apart after 2 steps of 3e-4, 1 % of the step). SGD's step is linear
     # in the gradient.
     "--optimizer#_target_", "torch.optim.SGD", "--learning_rate", "0.3",
     # Two training volumes (Colin27 and the ITK subject): with two processes each rank gets one of them.
     "--train#dataset#data",
-    "$brain_extraction_datalist('train', @sample_dir) + brain_extraction_datalist('test', @sample_dir)",
+    "$brain_extraction_datalist('train', @dataset_dir) + brain_extraction_datalist('test', @dataset_dir)",
 ]  # fmt: skip
 # In both runs: BatchNorm on its running statistics (SyncBatchNorm refuses CPU tensors, and per-process batch
 # statistics depend on how the batch is split), the random crops and augmentations seeded per volume and epoch
@@ -73,6 +74,8 @@ def test_two_process_training_on_different_volumes_matches_single_process(
     tmp_path, colin27_t1, colin27_brain, itk_t1, itk_t1_skullstrip
 ):
     single, multi = tmp_path / "single", tmp_path / "multi"
+    for root in (single, multi):  # each run's bundle_root is a copy of the bundle (configs/common.json)
+        shutil.copytree(CONFIGS, root / "configs")
     extra = tmp_path / "weights_run.json"
     extra.write_text(json.dumps(WEIGHTS_RUN))
     # One process: both volumes in one batch (2 random crops each); two processes: one volume (2 crops) per

@@ -45,7 +45,8 @@ def plane_and_slice(tmp_path_factory, colin27_t1):
     parser = ConfigParser()
     parser.read_config(str(TRAIN_CONFIG))
     parser["pixdim"] = list(PIXDIM)
-    parser["sample_dir"] = str(tmp_path_factory.mktemp("labels"))
+    parser["bundle_root"] = str(TRAIN_CONFIG.parents[1])  # the bundle's shared settings (configs/common.json)
+    parser["dataset_dir"] = str(tmp_path_factory.mktemp("labels"))
     (item,) = parser.get_parsed_content("train#dataset#data")
     volume = Compose(parser.get_parsed_content("train#deterministic_transforms"))(item)["image"].as_tensor()
     assert tuple(volume.shape) == (1, 91, 109, 91)  # (C, X, Y, Z), RAS
