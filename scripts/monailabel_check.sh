@@ -2,7 +2,7 @@
 # Check the bundle in a real MONAI Label server: build MONAI Label's own environment, install this package into
 # it the normal way, then run scripts/monailabel_check.py (start the server on 127.0.0.1, check over HTTP, stop).
 #
-#   bash scripts/monailabel_check.sh            # builds .venv-monailabel once (about 6 GB), then checks
+#   bash scripts/monailabel_check.sh            # builds .venv-monailabel once (about 8 GB, 4 minutes), then checks
 #
 # MONAI Label 0.8.5 cannot share the project's environment: it needs numpy<2, jsonschema<4 and pydicom<3 (through
 # pydicom-seg) and imports torchvision, whose PyPI build does not load beside the CPU torch 2.13.0 wheel. So the
