@@ -15,7 +15,7 @@ Every released file comes from this script, in four stages (each reads what the 
    their sha256 into ``large_files.yml`` with URLs under ``--base_url`` and the measured Dice into
    ``configs/metadata.json``.
 
-    python scripts/release_weights.py                      # all four stages, 2 CPU cores: about an hour
+    python scripts/release_weights.py                      # all four stages, 2 CPU cores: about 45 min
     python scripts/release_weights.py --stages record --base_url https://huggingface.co/<owner>/<repo>/resolve/main
 """
 
@@ -26,14 +26,14 @@ import csv
 import hashlib
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
-from jointssl_monai.apps.bundle_commands import find_bundle_dir, run_bundle_process
+from jointssl_monai.apps.bundle_commands import find_bundle_dir, pretrain_command, run_bundle_process
 from jointssl_monai.apps.ssl_value import CPU_SETTINGS, pretrain_encoder, value_datalist
 
 #: The released slice encoder: the value benchmark's CPU model with a ResNet-10 (TorchScript-exportable).
@@ -45,14 +45,10 @@ STAGES = ("pretrain", "finetune", "evaluate", "record")
 RELEASES = "https://github.com/jointssl-monai/jointssl_monai/releases/download"
 
 
-def _bundle_run(run_id: str, configs: list[Path], overrides: dict[str, object]) -> float:
+def _bundle_run(run_id: str, configs: list[Path], overrides: dict[str, Any]) -> float:
     """Run one bundle workflow in a child process; returns its wall time in seconds."""
-    command = [sys.executable, "-m", "jointssl_monai.apps.bundle_run", "run", run_id]
-    command += ["--config_file", json.dumps([str(c) for c in configs])]
-    for key, value in overrides.items():
-        command += [f"--{key}", str(value)]
     start = time.perf_counter()
-    run_bundle_process(command)
+    run_bundle_process(pretrain_command(configs, overrides, run_id=run_id))
     return time.perf_counter() - start
 
 
@@ -82,7 +78,7 @@ def finetune(workdir: Path, bundle: Path, encoder: Path) -> dict:
         root = workdir / f"finetune_{init}"
         shutil.rmtree(root, ignore_errors=True)
         shutil.copytree(bundle / "configs", root / "configs")
-        overrides = {"bundle_root": root, "ssl_pretrained": init == "ssl", "ssl_encoder": encoder}
+        overrides = {"bundle_root": str(root), "ssl_pretrained": init == "ssl", "ssl_encoder": str(encoder)}
         runs[init] = {"seconds": _bundle_run("training", [root / "configs" / "train.json"], overrides)}
     return runs
 
@@ -92,7 +88,7 @@ def evaluate(workdir: Path) -> dict:
     for init in ("ssl", "random"):
         root = workdir / f"finetune_{init}"
         configs = [root / "configs" / "train.json", root / "configs" / "evaluate.json"]
-        _bundle_run("evaluating", configs, {"bundle_root": root, "ssl_pretrained": False})
+        _bundle_run("evaluating", configs, {"bundle_root": str(root), "ssl_pretrained": False})
         scores[init] = _mean_dice(root / "eval")
     return scores
 

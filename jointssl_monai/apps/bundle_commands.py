@@ -75,12 +75,16 @@ def _cli_value(value: Any) -> str:
 
 
 def pretrain_command(
-    config_files: Sequence[str | os.PathLike], overrides: dict[str, Any], tracking: str | None = None
+    config_files: Sequence[str | os.PathLike],
+    overrides: dict[str, Any],
+    tracking: str | None = None,
+    run_id: str = "training",
 ) -> list[str]:
-    """The ``python -m monai.bundle run training ...`` command line for these configs and overrides (through
-    :mod:`jointssl_monai.apps.bundle_run`, which adds the one-line error summary)."""
+    """The ``python -m monai.bundle run <run_id> ...`` command line for these configs and overrides (through
+    :mod:`jointssl_monai.apps.bundle_run`, which adds the one-line error summary); any bundle config and run
+    id, ``training`` by default."""
     files = [str(f) for f in config_files]
-    command = [sys.executable, "-m", "jointssl_monai.apps.bundle_run", "run", "training"]
+    command = [sys.executable, "-m", "jointssl_monai.apps.bundle_run", "run", run_id]
     command += ["--config_file", files[0] if len(files) == 1 else json.dumps(files)]
     for key, value in overrides.items():
         command += [f"--{key}", _cli_value(value)]

@@ -252,6 +252,19 @@ def _find_large_files_list(bundle_dir: Path) -> Path | None:
     return None
 
 
+def _read_large_files_list(list_file: Path) -> list:
+    """The ``large_files`` entries of a ``.yml``/``.yaml``/``.json`` list, unchecked."""
+    try:
+        text = list_file.read_text()
+        content = json.loads(text) if list_file.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise BundleArchiveError(f"cannot read the large files list {list_file}: {err}") from err
+    entries = content.get("large_files") if isinstance(content, dict) else None
+    if not isinstance(entries, list):
+        raise BundleArchiveError(f"{list_file} has no 'large_files' list")
+    return entries
+
+
 def verify_large_files(
     bundle_dir: str | os.PathLike,
     large_files: str | os.PathLike | None = None,
@@ -281,14 +294,7 @@ def verify_large_files(
     list_file = _find_large_files_list(bundle_dir) if large_files is None else Path(large_files)
     if list_file is None:
         return []
-    try:
-        text = list_file.read_text()
-        content = json.loads(text) if list_file.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        raise BundleArchiveError(f"cannot read the large files list {list_file}: {err}") from err
-    entries = content.get("large_files") if isinstance(content, dict) else None
-    if not isinstance(entries, list):
-        raise BundleArchiveError(f"{list_file} has no 'large_files' list")
+    entries = _read_large_files_list(list_file)
     root = bundle_dir.resolve()
     problems, verified = [], []
     for index, entry in enumerate(entries):
@@ -341,9 +347,8 @@ def _large_file_paths(bundle_dir: Path) -> set[str]:
     if list_file is None:
         return set()
     verify_large_files(bundle_dir, require_files=False)  # well-formed, inside the bundle, with hashes
-    text = list_file.read_text()
-    content = json.loads(text) if list_file.suffix == ".json" else yaml.safe_load(text)
-    return {PurePosixPath(entry["path"].replace("\\", "/")).as_posix() for entry in content["large_files"]}
+    entries = _read_large_files_list(list_file)
+    return {PurePosixPath(entry["path"].replace("\\", "/")).as_posix() for entry in entries}
 
 
 def package_bundle(
